@@ -1,0 +1,1 @@
+"""Benchmarks: `medvistagym.bench.kernels` times the image kernels against Pillow and torch."""
