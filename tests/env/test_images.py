@@ -1,0 +1,140 @@
+import io
+import os
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from medvistagym.env.images import ImageDecodeError, ImageStore, apply_window, decode_image, to_display
+from medvistagym.env.task import ImageRef
+
+NIFTI = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+NIFTI_GZ = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "example4d.nii.gz")
+
+
+def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_ct_in_hounsfield_units_with_the_header_window():
+    path = get_testdata_file("693_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    image = decode_image(ImageRef(path=path))
+    expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert image.full_depth and image.pixels.shape == (1, 512, 512)
+    assert torch.equal(image.pixels[0], torch.from_numpy(expected))
+    assert image.pixels.min() < -900  # air, in HU
+    assert image.window == (40.0, 100.0)  # the header's brain window
+    assert image.meta["Modality"] == "CT"
+
+
+def test_mr_rescale_slope_is_applied():
+    path = get_testdata_file("MR2_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    image = decode_image(ImageRef(path=path))
+    assert float(image.pixels.max()) == pytest.approx(float(ds.pixel_array.max()) * float(ds.RescaleSlope), rel=1e-4)
+
+
+def test_monochrome1_displays_inverted():
+    image = decode_image(ImageRef(path=get_testdata_file("RG1_UNCR.dcm")))
+    assert image.invert and image.window == (15000.0, 30000.0)
+    shown = to_display(image)
+    values, shown = image.pixels.flatten(), shown.flatten()
+    assert shown[torch.argmax(values)] < 40 < 200 < shown[torch.argmin(values)]  # high values show dark
+
+
+def test_colour_and_palette_dicom_become_rgb():
+    us = decode_image(ImageRef(path=get_testdata_file("US1_UNCR.dcm")))
+    assert us.pixels.dtype == torch.uint8 and us.pixels.shape == (3, 480, 640) and us.window is None
+    palette = decode_image(ImageRef(path=get_testdata_file("OBXXXX1A.dcm")))
+    assert palette.pixels.shape == (3, 600, 800)
+
+
+def test_jpeg2000_dicom_decodes():
+    image = decode_image(ImageRef(path=get_testdata_file("JPEG2000.dcm")))
+    assert image.pixels.shape == (1, 1024, 256) and image.meta["Modality"] == "NM"
+    assert image.window is not None  # no header window: a robust one from the data
+
+
+def test_nifti_slices():
+    middle = decode_image(ImageRef(path=NIFTI))
+    volume = nibabel.load(NIFTI).get_fdata()
+    assert middle.pixels.shape == (1, volume.shape[1], volume.shape[0])
+    first = decode_image(ImageRef(path=NIFTI, frame=0))
+    assert not torch.equal(first.pixels, middle.pixels)
+    assert first.key != middle.key
+    gz = decode_image(ImageRef(path=NIFTI_GZ))
+    assert gz.pixels.ndim == 3
+    with pytest.raises(ImageDecodeError, match="slice 99 out of range"):
+        decode_image(ImageRef(path=NIFTI, frame=99))
+
+
+def test_png_jpeg_and_16_bit():
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    assert torch.equal(decode_image(ImageRef(data=_png_bytes(rgb))).pixels, torch.from_numpy(rgb).permute(2, 0, 1))
+    gray16 = (np.arange(600, dtype=np.uint16) * 100).reshape(20, 30)
+    image = decode_image(ImageRef(data=_png_bytes(gray16)))
+    assert image.full_depth and float(image.pixels.max()) == 59900.0  # the full 16-bit depth is kept
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG")
+    assert decode_image(ImageRef(data=jpeg.getvalue(), name="x.jpg")).pixels.shape == (3, 20, 30)
+
+
+@pytest.mark.parametrize("data,name,match", [
+    (b"", "scan-17.png", "empty file"),
+    (b"not an image at all", "scan-17.png", "not a readable image"),
+    (b"\x00" * 128 + b"DICM" + b"\x00" * 50, "scan-17", "not a readable DICOM"),
+    (b"garbage", "scan-17.dcm", "not a readable DICOM"),
+])
+def test_corrupt_images_raise_naming_the_file(data, name, match):
+    with pytest.raises(ImageDecodeError, match=match) as err:
+        decode_image(ImageRef(data=data, name=name))
+    assert name in str(err.value)
+
+
+def test_truncated_png_names_the_file(tmp_path):
+    path = tmp_path / "cut.png"
+    path.write_bytes(_png_bytes(np.zeros((64, 64), np.uint8))[:60])
+    with pytest.raises(ImageDecodeError, match="cut.png"):
+        decode_image(ImageRef(path=str(path)))
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        decode_image(ImageRef(path="/nonexistent/nope.png"))
+
+
+def test_window_follows_dicom_formula():
+    values = torch.tensor([-1000.0, -160.0, 40.0, 240.0, 1000.0])
+    shown = apply_window(values, (40.0, 400.0))
+    assert shown.tolist()[0] == 0 and shown.tolist()[-1] == 255
+    assert abs(int(shown[2]) - 128) <= 1
+
+
+def test_store_decodes_each_image_once_by_content(tmp_path):
+    data = _png_bytes(np.full((8, 8), 7, np.uint8))
+    (tmp_path / "a.png").write_bytes(data)
+    (tmp_path / "b.png").write_bytes(data)  # same content, other path
+    store = ImageStore()
+    a = store.get(ImageRef(path=str(tmp_path / "a.png")))
+    assert store.get(ImageRef(path=str(tmp_path / "b.png"))) is a
+    assert store.get(ImageRef(data=data)) is a
+    assert store.get(ImageRef(path=str(tmp_path / "a.png"))) is a
+    assert len(store) == 1 and store.hits >= 1
+
+
+def test_store_evicts_least_recently_used():
+    store = ImageStore(max_bytes=200)
+    refs = [ImageRef(data=_png_bytes(np.full((10, 10), i, np.uint8))) for i in range(3)]  # 100 bytes each
+    first = store.get(refs[0])
+    store.get(refs[1])
+    store.get(refs[0])  # refresh the first
+    store.get(refs[2])  # evicts the second
+    assert len(store) == 2
+    assert store.get(refs[0]) is first
