@@ -1,0 +1,107 @@
+"""The `medvistagym` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from .bench import kernels as bench_kernels
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .env.datasets import load_tasks
+    from .env.datasets.mini import build, default_root
+
+    if args.data_command == "build-mini":
+        root = Path(args.root) if args.root else default_root()
+        build(root, seed=args.seed)
+        manifest = json.loads((root / "manifest.json").read_text())
+        print(f"built medvista-mini v{manifest['version']} in {root}: "
+              + ", ".join(f"{n} {split} tasks" for split, n in manifest["tasks"].items())
+              + f", {len(manifest['files'])} files")
+        return 0
+    tasks = load_tasks(args.dataset, args.split, args.data_root)
+    print(f"{args.dataset} / {args.split}: {len(tasks)} tasks, "
+          f"{len({ref for t in tasks for ref in t.images})} image references")
+    for field in ("answer_type",):
+        print(f"  by {field}: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(getattr(t, field).value for t in tasks).items())))
+    kinds = Counter(str(t.metadata.get("question_kind") or t.metadata.get("modality") or "-") for t in tasks)
+    print("  by kind: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .env.config import EnvConfig
+    from .env.datasets import load_tasks
+    from .env.evaluation import evaluate, print_report
+    from .env.experts import build_expert
+
+    config = load_config(EnvConfig, args.config, args.overrides)
+    tasks = load_tasks(args.dataset, args.split, args.data_root)
+    if args.limit:
+        tasks = tasks[: args.limit]
+    agent = build_expert(args.policy, tasks, args.seed)
+    results = evaluate(tasks, agent, config, render=not args.no_render)
+    print_report(results, f"{args.dataset} / {args.split} / {args.policy}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            for r in results:
+                out.write(json.dumps(r.__dict__) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvistagym", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build or inspect data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    build = data_commands.add_parser("build-mini", help="build the built-in medvista-mini set")
+    build.add_argument("--root", help="output folder (default: the cache, $MEDVISTAGYM_CACHE)")
+    build.add_argument("--seed", type=int, default=0)
+    info = data_commands.add_parser("info", help="load a data set and count its tasks")
+    info.add_argument("--dataset", required=True)
+    info.add_argument("--split", default="test")
+    info.add_argument("--data-root")
+    data.set_defaults(func=_cmd_data)
+
+    ev = commands.add_parser("eval", help="evaluate a policy on a benchmark with its official metric")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--data-root")
+    ev.add_argument("--policy", default="oracle", choices=["oracle", "random"])
+    ev.add_argument("--limit", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--config", help="YAML file of EnvConfig fields")
+    ev.add_argument("--no-render", action="store_true", help="skip rendering images (scripted policies do not look)")
+    ev.add_argument("--output", help="write per-episode results as JSON lines")
+    ev.add_argument("overrides", nargs="*", help="EnvConfig overrides, key=value")
+    ev.set_defaults(func=_cmd_eval)
+
+    bench = commands.add_parser("bench", help="benchmark tables")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    kernels = benches.add_parser("kernels", help="crop + resize: ours batched vs PIL per crop vs torch")
+    bench_kernels.add_arguments(kernels)
+    kernels.set_defaults(func=bench_kernels.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .env.datasets import DatasetError
+
+    try:
+        return args.func(args)
+    except (DatasetError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

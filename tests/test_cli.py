@@ -1,0 +1,32 @@
+import json
+import subprocess
+import sys
+
+from medvistagym.cli import main
+
+
+def test_eval_prints_tables_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", "--dataset", "medvista-mini", "--policy", "oracle", "--limit", "10", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "by answer type" in printed and "by question kind" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 10 and all(r["score"] == 1.0 for r in rows)
+
+
+def test_eval_accepts_config_overrides(capsys):
+    assert main(["eval", "--dataset", "medvista-mini", "--policy", "random", "--limit", "5", "--no-render", "max_turns=2"]) == 0
+    assert main(["eval", "--dataset", "medvista-mini", "--limit", "1", "max_turn=2"]) == 2
+    assert "unknown key 'max_turn'" in capsys.readouterr().err
+
+
+def test_data_info_and_missing_dataset_root(tmp_path, capsys):
+    assert main(["data", "info", "--dataset", "medvista-mini", "--split", "test"]) == 0
+    assert "110 tasks" in capsys.readouterr().out
+    assert main(["data", "info", "--dataset", "slake", "--data-root", str(tmp_path / "nowhere")]) == 2
+    assert "data root of slake not found" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    done = subprocess.run([sys.executable, "-m", "medvistagym.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "eval" in done.stdout
