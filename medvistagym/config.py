@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    pass
+    """A config file or override that does not fit the config dataclass."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

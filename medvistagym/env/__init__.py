@@ -1,5 +1,7 @@
 """The gym: medical VQA tasks, image tools, the action protocol, scoring, rewards, and a Gymnasium Env."""
 
+import gymnasium
+
 from .config import EnvConfig
 from .datasets import DatasetError, load_tasks
 from .episode import Episode, Observation
@@ -17,3 +19,6 @@ __all__ = [
     "MedVistaEnv", "Observation", "Region", "RewardConfig", "RewardParts", "SourceImage", "Task", "ToolCall", "View",
     "compute_reward", "decode_image", "load_tasks", "parse_action", "render_views", "score", "tool_schemas",
 ]
+
+if "MedVista-v0" not in gymnasium.registry:
+    gymnasium.register(id="MedVista-v0", entry_point="medvistagym.env.gym_env:MedVistaEnv")

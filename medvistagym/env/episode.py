@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..kernels.sizing import smart_resize
 from .config import EnvConfig
 from .images import ImageStore
 from .prompt import Message, content_parts, initial_messages, question_text
@@ -18,7 +19,6 @@ from .reward import EpisodeSummary, RewardParts, ToolUse, compute_reward
 from .task import Task
 from .tools import ToolArgumentError, ToolResult, run_tool
 from .views import View, full_view
-from ..kernels.sizing import smart_resize
 
 
 @dataclass(frozen=True)

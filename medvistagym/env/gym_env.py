@@ -66,7 +66,7 @@ class ImageSequence(spaces.Space):
 
 
 class MedVistaEnv(gym.Env):
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # text transcripts; fps is nominal
 
     def __init__(
         self,

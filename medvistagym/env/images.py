@@ -155,6 +155,7 @@ def decode_nifti(data: bytes, frame: int | None, name: str) -> tuple[torch.Tenso
         raise ImageDecodeError(f"{name}: not a readable NIfTI image ({type(err).__name__}: {err})") from err
     if array.ndim == 4:
         array = array[..., 0]
+    index = None
     if array.ndim == 3:
         depth = array.shape[2]
         index = depth // 2 if frame is None else frame
@@ -164,8 +165,7 @@ def decode_nifti(data: bytes, frame: int | None, name: str) -> tuple[torch.Tenso
     # NIfTI stores x fastest with y pointing anterior: transpose and flip for the radiological view.
     slice_ = np.ascontiguousarray(np.flipud(array.T))
     tensor = torch.from_numpy(slice_)[None]
-    meta = {"Modality": "MR", "slice": index if array.ndim == 2 else None}
-    return tensor, robust_window(tensor), False, meta
+    return tensor, robust_window(tensor), False, {"slice": index}  # NIfTI does not record the modality
 
 
 def decode_pil(data: bytes, name: str) -> tuple[torch.Tensor, Window | None, bool, dict]:
@@ -236,6 +236,13 @@ class ImageStore:
 
     def __len__(self) -> int:
         return len(self._images)
+
+    def __getstate__(self) -> dict:
+        """A copied or pickled store starts empty: decoded pixels stay where they were decoded."""
+        return {"max_bytes": self.max_bytes, "device": str(self.device)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"], state["device"])  # type: ignore[misc]
 
     def _path_key(self, ref: ImageRef) -> tuple | None:
         if ref.path is None:

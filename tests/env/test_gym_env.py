@@ -1,6 +1,7 @@
 import json
 from dataclasses import replace
 
+import gymnasium
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -21,8 +22,11 @@ def zoom(box, **extra):
     return "<think>look</think>" + format_tool_call("zoom_in", {"bbox_2d": box, **extra})
 
 
-def test_passes_the_gymnasium_checker(env):
-    check_env(env, skip_render_check=True)
+def test_passes_the_gymnasium_checker(tasks, store):
+    env = gymnasium.make("MedVista-v0", tasks=tasks, config=EnvConfig(max_turns=3), store=store, render_mode="ansi")
+    check_env(env.unwrapped)  # render_mode="ansi" is checked too
+    obs, info = env.reset(seed=1)
+    assert env.step("<answer>yes</answer>")[2]
 
 
 def test_reset_shows_the_question_and_images(env):
@@ -94,8 +98,6 @@ def test_per_turn_and_image_limits(tasks, store):
 
 
 def test_step_before_reset_is_an_api_error(tasks, store):
-    import gymnasium
-
     with pytest.raises(gymnasium.error.ResetNeeded):
         MedVistaEnv(tasks, store=store).step("<answer>yes</answer>")
 

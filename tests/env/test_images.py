@@ -138,3 +138,21 @@ def test_store_evicts_least_recently_used():
     store.get(refs[2])  # evicts the second
     assert len(store) == 2
     assert store.get(refs[0]) is first
+
+
+def test_store_copies_and_pickles_empty():
+    import copy
+    import pickle
+
+    store = ImageStore(max_bytes=1234)
+    store.get(ImageRef(data=_png_bytes(np.zeros((4, 4), np.uint8))))
+    for clone in (copy.deepcopy(store), pickle.loads(pickle.dumps(store))):
+        assert len(clone) == 0 and clone.max_bytes == 1234
+        assert clone.get(ImageRef(data=_png_bytes(np.zeros((4, 4), np.uint8)))).pixels.shape == (1, 4, 4)
+
+
+def test_two_dimensional_nifti(tmp_path):
+    path = tmp_path / "slice.nii"
+    nibabel.save(nibabel.Nifti1Image(np.arange(12, dtype=np.int16).reshape(4, 3), np.eye(4)), path)
+    image = decode_image(ImageRef(path=str(path)))
+    assert image.pixels.shape == (1, 3, 4) and image.meta["slice"] is None
