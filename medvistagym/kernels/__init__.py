@@ -1,5 +1,6 @@
-"""Image kernels: batched crop + resample matching Pillow."""
+"""Image kernels: batched crop + resample matching Pillow, behind one dispatching function."""
 
-from .crop_resize import crop_resize
+from .api import crop_resize
+from .plan import ResamplePlan, plan_resample
 
-__all__ = ["crop_resize"]
+__all__ = ["ResamplePlan", "crop_resize", "plan_resample"]

@@ -1,8 +1,8 @@
-"""Cut many boxes out of many images and resample each to its own size, matching Pillow.
+"""The torch back end of `crop_resize`: the reference, and the CPU fallback.
 
-`crop_resize(images, boxes, sizes)` gives, box by box, what `Image.resize(size, BILINEAR or
-BICUBIC, box=box)` gives. The taps of every box and both axes come from one vectorised
-`axis_weights` call; they are applied over each box's input span only.
+Box by box it gives what `Image.resize(size, BILINEAR or BICUBIC, box=box)` gives. The taps
+of every box and both axes come from the plan (one vectorised `axis_weights` call); they are
+applied over each box's input span only.
 
 Applying the taps: each pass contracts one axis of a (C, span, other) tensor. Alternatives,
 timed on a whole uint8 RGB crop (both passes, Pillow's rounding) on the 2-core CPU, median ms:
@@ -35,12 +35,12 @@ boxes from four 1024 x 1024 RGB images (last two columns: 10-15% and 2-3% boxes)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .resample import AxisWeights, axis_weights, quantize_8bit
+from .plan import ResamplePlan, finish
+from .resample import AxisWeights, quantize_8bit
 
 TILE = 8
 # Boxes with equal output size and tap counts share one set of ops (a stack) while padding them
@@ -48,11 +48,6 @@ TILE = 8
 # elements; bigger stacks lose more to allocation and padding than they save (module docstring).
 STACK_WASTE = 1.25
 STACK_BUDGET = 1 << 21
-SUPPORTED_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32)
-
-Images = Union[torch.Tensor, Sequence[torch.Tensor]]
-Boxes = Union[torch.Tensor, Sequence[Sequence[float]]]
-Sizes = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -111,57 +106,26 @@ def apply_bands(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias
     return out.view(b, g, t * TILE, m)
 
 
-def pillow_vertical_first(
-    in_h: torch.Tensor, in_w: torch.Tensor, out_h: torch.Tensor, out_w: torch.Tensor
-) -> torch.Tensor:
-    """Pillow 13 runs the vertical pass first when the height shrinks by > 2x as many pixels as the width.
-
-    The rule (python-pillow/Pillow#9549) looks at whole-image sizes, not the box; the order only
-    matters for uint8, where each pass rounds and clamps.
-    """
-    return (out_h < in_h) & (in_h - out_h > 2 * (in_w - out_w))
-
-
-def crop_resize(
-    images: Images,
-    boxes: Boxes,
-    sizes: Sizes,
-    *,
-    image_index: Sequence[int] | torch.Tensor | None = None,
-    mode: str = "bicubic",
-    antialias: bool = True,
-    out_dtype: torch.dtype | None = None,
-) -> list[torch.Tensor]:
-    """Resample box i of `images[image_index[i]]` to `sizes[i]` = (h, w); returns N (C, h, w) tensors.
+def crop_resize_torch(plan: ResamplePlan, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The torch back end (the reference, and the CPU path when the compiled one is missing).
 
     Matches `Image.resize((w, h), BILINEAR/BICUBIC, box=(x1, y1, x2, y2))` on CPU tensors:
     uint8 follows Pillow's 8-bit path (fixed-point taps, rounding and clamping after each
     pass, Pillow 13's pass order), float32 is unrounded, uint16/int16 run in float32 and are
     rounded and clamped to their range once at the end. `out_dtype` only changes the returned
     container (float32 out of uint8 holds the same Pillow levels); an integer `out_dtype`
-    rounds and clamps. `antialias=False` keeps the filter unscaled when downscaling.
+    rounds and clamps.
     """
-    imgs = _images(images)
-    box = _boxes(boxes)
-    n = box.shape[0]
-    hw = _sizes(sizes, n)
-    which = _image_index(image_index, len(imgs), n)
-    shape = torch.tensor([list(im.shape) for im in imgs], dtype=torch.int64)[which]  # (N, 3): C, H, W
-    _check_boxes(box, shape[:, 1], shape[:, 2], which)
+    for j, im in enumerate(plan.images):
+        if im.device.type != "cpu":
+            raise ValueError(f"image {j} is on {im.device}; the torch back end of crop_resize runs on CPU")
+    n = plan.n
     if n == 0:
         return []
-    sources = [imgs[i] for i in which.tolist()]
-    # Rows 0..N-1 are the boxes' x axes, rows N..2N-1 their y axes: one call computes every tap.
-    taps = axis_weights(
-        torch.cat([shape[:, 2], shape[:, 1]]),
-        torch.cat([box[:, 0], box[:, 1]]),
-        torch.cat([box[:, 2], box[:, 3]]),
-        torch.cat([hw[:, 1], hw[:, 0]]),
-        mode=mode,
-        antialias=antialias,
-    )
-    band = bands(taps, torch.tensor([s.dtype == torch.uint8 for s in sources]).repeat(2))
-    horizontal_first = ~pillow_vertical_first(shape[:, 1], shape[:, 2], hw[:, 0], hw[:, 1])
+    sources = plan.sources
+    hw, taps = plan.sizes, plan.taps
+    band = bands(taps, plan.eight_bit.repeat(2))
+    horizontal_first = ~plan.vertical_first
 
     out: list[torch.Tensor] = [torch.empty(0)] * n
     for group in _groups(sources, hw, horizontal_first, taps.count.amax(dim=1), band):
@@ -170,7 +134,7 @@ def crop_resize(
         stack = [sources[i] for i in members]
         result = _resample(stack, group, group + n, band, h, w, bool(horizontal_first[members[0]]))
         for k, i in enumerate(members):
-            out[i] = _finish(result[k], sources[i].dtype, out_dtype)
+            out[i] = finish(result[k], sources[i].dtype, out_dtype)
     return out
 
 
@@ -275,103 +239,3 @@ def _pass(x: torch.Tensor, band: Bands, rows: torch.Tensor, out: int, store: tor
     if store != torch.uint8:
         return apply_bands(x, index, weight)[:, :, :out]
     return apply_bands(x, index, weight, bias=0.5)[:, :, :out].clamp_(0, 255).to(torch.uint8)
-
-
-def _finish(values: torch.Tensor, source: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor:
-    """Round and clamp 16-bit results to their range, then cast to `out_dtype` as one contiguous tensor.
-
-    8-bit results arrive as uint8 already; float32 results pass through unrounded.
-    """
-    if source in (torch.uint16, torch.int16):
-        values = _clamp(_round_half_away(values), source)
-    target = out_dtype or source
-    if target != source and not target.is_floating_point:
-        values = _clamp(_round_half_away(values.float()), target)
-    return values.to(target, memory_format=torch.contiguous_format).contiguous()
-
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    # Pillow's ROUND_UP; torch.round would round halves to even.
-    return torch.where(x < 0, torch.ceil(x - 0.5), torch.floor(x + 0.5))
-
-
-def _clamp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    info = torch.iinfo(dtype)
-    return x.clamp(info.min, info.max)
-
-
-def _images(images: Images) -> list[torch.Tensor]:
-    imgs = [images] if isinstance(images, torch.Tensor) else list(images)
-    if not imgs:
-        raise ValueError("images is empty")
-    for j, im in enumerate(imgs):
-        if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] not in (1, 3):
-            got = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
-            raise ValueError(f"image {j} must be a (C, H, W) tensor with C = 1 or 3, got {got}")
-        if im.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"image {j} has dtype {im.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
-        if im.device.type != "cpu":
-            raise ValueError(f"image {j} is on {im.device}; the torch path of crop_resize runs on CPU")
-        if im.shape[1] == 0 or im.shape[2] == 0:
-            raise ValueError(f"image {j} is empty: shape {tuple(im.shape)}")
-    return imgs
-
-
-def _boxes(boxes: Boxes) -> torch.Tensor:
-    box = torch.as_tensor(boxes, dtype=torch.float64)
-    if box.numel() == 0:
-        return box.reshape(0, 4)
-    if box.dim() != 2 or box.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4) as x1, y1, x2, y2; got {tuple(box.shape)}")
-    return box
-
-
-def _sizes(sizes: Sizes, n: int) -> torch.Tensor:
-    size = torch.as_tensor(sizes)
-    if size.is_floating_point() and not bool((size == size.round()).all()):
-        raise ValueError(f"sizes must be whole numbers of pixels, got {size.tolist()}")
-    size = size.long()
-    if size.shape == (2,):
-        size = size.expand(n, 2)
-    elif size.shape != (n, 2):
-        raise ValueError(f"sizes must be one (h, w) pair or {n} of them (one per box), got shape {tuple(size.shape)}")
-    bad = (size < 1).any(dim=1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"size {i} {tuple(size[i].tolist())} must be at least 1 x 1")
-    return size
-
-
-def _image_index(image_index: Sequence[int] | torch.Tensor | None, m: int, n: int) -> torch.Tensor:
-    if image_index is None:
-        if m == 1:
-            return torch.zeros(n, dtype=torch.int64)
-        if m == n:
-            return torch.arange(n)
-        raise ValueError(f"image_index is required with {m} images and {n} boxes")
-    which = torch.as_tensor(image_index, dtype=torch.int64)
-    if which.shape != (n,):
-        raise ValueError(f"image_index must name one image per box: {n} boxes, got shape {tuple(which.shape)}")
-    bad = (which < 0) | (which >= m)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"image_index[{i}] = {int(which[i])} is out of range for {m} images")
-    return which
-
-
-def _check_boxes(box: torch.Tensor, height: torch.Tensor, width: torch.Tensor, which: torch.Tensor) -> None:
-    # Pillow receives float32 edges, so judge them as float32 too.
-    x1, y1, x2, y2 = box.float().unbind(dim=1)
-    problems = (
-        (~torch.isfinite(box).all(dim=1), "has a non-finite coordinate"),
-        (x2 <= x1, "is empty or inverted (x2 <= x1)"),
-        (y2 <= y1, "is empty or inverted (y2 <= y1)"),
-        ((x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height), "is outside its image"),
-    )
-    for bad, why in problems:
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            j = int(which[i])
-            raise ValueError(
-                f"box {i} {tuple(box[i].tolist())} {why}: image {j} is {int(width[i])} wide and {int(height[i])} high"
-            )
