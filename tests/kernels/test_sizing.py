@@ -21,3 +21,18 @@ def test_rejects_degenerate_sizes():
         smart_resize(0, 10)
     with pytest.raises(ValueError, match="aspect ratio"):
         smart_resize(10, 3000)
+
+
+def test_agrees_with_transformers_on_many_sizes():
+    # The PIL processor module: the torchvision one does not import without torchvision.
+    transformers_resize = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl").smart_resize
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        h, w = rng.uniform(5, 3000), rng.uniform(5, 3000)
+        if max(h, w) / min(h, w) > 200:
+            continue
+        factor = rng.choice([28, 32])
+        limits = (rng.choice([3136, 65536]), rng.choice([50176, 12845056, 16777216]))
+        assert smart_resize(h, w, factor, *limits) == transformers_resize(h, w, factor, *limits), (h, w, factor, limits)
