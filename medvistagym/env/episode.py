@@ -63,8 +63,7 @@ class Episode:
     def start(self) -> Observation:
         """Decode the task's images (raises ImageDecodeError naming a corrupt file) and pose the question."""
         cfg = self.config
-        for i, ref in enumerate(self.task.images):
-            image = self.store.get(ref)
+        for i, image in enumerate(self.store.get_many(self.task.images)):  # decoded in one batch
             self._task_image_of.setdefault(image.key, i)
             h, w = smart_resize(image.height, image.width, cfg.patch_factor, cfg.image_min_pixels, cfg.image_max_pixels)
             self.views.append(full_view(image, (w, h)))

@@ -5,12 +5,15 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+import skimage.data
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medvistagym.env.images import ImageDecodeError, ImageStore, apply_window, decode_image, to_display
+from medvistagym.env import images as images_module
+from medvistagym.env.images import ImageDecodeError, ImageStore, apply_window, dali_channels, decode_image, to_display
 from medvistagym.env.task import ImageRef
+from medvistagym.kernels import dali as dali_kernels
 
 NIFTI = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
 NIFTI_GZ = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "example4d.nii.gz")
@@ -156,3 +159,120 @@ def test_two_dimensional_nifti(tmp_path):
     nibabel.save(nibabel.Nifti1Image(np.arange(12, dtype=np.int16).reshape(4, 3), np.eye(4)), path)
     image = decode_image(ImageRef(path=str(path)))
     assert image.pixels.shape == (1, 3, 4) and image.meta["slice"] is None
+
+
+# --------------------------------------------------------------------------- get_many and DALI
+
+SKIMAGE_DATA = os.path.dirname(skimage.data.__file__)
+needs_dali = pytest.mark.skipif(not dali_kernels.available(), reason="NVIDIA DALI is not importable")
+DALI_CHOICES = [False, pytest.param(True, marks=needs_dali)]
+
+
+def _jpeg_bytes(array: np.ndarray, **options) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", **options)
+    return out.getvalue()
+
+
+def _mixed_refs(tmp_path) -> list[ImageRef]:
+    gray_jpeg = tmp_path / "camera.jpg"
+    gray_jpeg.write_bytes(_jpeg_bytes(skimage.data.camera()))
+    rgba = np.dstack([skimage.data.chelsea(), np.full((300, 451), 128, np.uint8)])
+    return [
+        ImageRef(path=os.path.join(SKIMAGE_DATA, "ihc.png")),  # 8-bit RGB PNG
+        ImageRef(data=_png_bytes(skimage.data.camera()), name="camera.png"),  # 8-bit gray PNG
+        ImageRef(path=os.path.join(SKIMAGE_DATA, "rocket.jpg")),  # RGB JPEG
+        ImageRef(path=str(gray_jpeg)),  # gray JPEG
+        ImageRef(data=_png_bytes(rgba), name="cat.png"),  # RGBA PNG: alpha dropped
+        ImageRef(data=_png_bytes((np.arange(600, dtype=np.uint16) * 100).reshape(20, 30))),  # 16-bit PNG
+        ImageRef(path=get_testdata_file("693_UNCR.dcm")),  # CT in HU
+    ]
+
+
+@needs_dali
+def test_get_many_with_dali_matches_pil_for_a_mixed_batch(tmp_path):
+    refs = _mixed_refs(tmp_path)
+    with_dali = ImageStore(use_dali=True).get_many(refs)
+    with_pil = ImageStore(use_dali=False).get_many(refs)
+    for ref, a, b in zip(refs, with_dali, with_pil):
+        assert (a.key, a.pixels.dtype, a.pixels.shape) == (b.key, b.pixels.dtype, b.pixels.shape)
+        assert (a.window, a.invert) == (b.window, b.invert)
+        # PNG is lossless; DALI's CPU JPEG decoder and Pillow both run libjpeg-turbo (measured 0 apart)
+        tolerance = 1 if ref.suffix == ".jpg" else 0
+        assert (a.pixels.double() - b.pixels.double()).abs().max() <= tolerance, ref.describe()
+    assert [image.channels for image in with_dali] == [3, 1, 3, 1, 3, 1, 1]
+    assert [image.meta["decoder"] for image in with_dali] == ["dali-cpu"] * 5 + ["pil", "pydicom"]
+    assert [image.meta["decoder"] for image in with_pil] == ["pil"] * 6 + ["pydicom"]
+    assert with_dali[6].meta["Modality"] == "CT"
+
+
+@pytest.mark.parametrize("use_dali", DALI_CHOICES)
+def test_get_many_serves_hits_from_the_cache(tmp_path, monkeypatch, use_dali):
+    ihc = os.path.join(SKIMAGE_DATA, "ihc.png")
+    ct = get_testdata_file("693_UNCR.dcm")
+    refs = [ImageRef(path=ihc), ImageRef(data=_png_bytes(np.full((8, 8), 3, np.uint8))), ImageRef(path=ct)]
+    store = ImageStore(use_dali=use_dali)
+    first = store.get_many(refs + [refs[1]])  # a repeat within the batch decodes once
+    assert first[3] is first[1] and (store.misses, store.hits) == (3, 1)
+    copy = tmp_path / "copy.png"  # same bytes under another path: found by content, not decoded
+    copy.write_bytes(open(ihc, "rb").read())
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached image was decoded again")
+
+    monkeypatch.setattr(images_module, "_decode_bytes", no_decoding)
+    monkeypatch.setattr(dali_kernels, "decode_batch", no_decoding)
+    again = store.get_many([refs[2], ImageRef(path=str(copy)), refs[0], refs[1]])
+    assert all(a is b for a, b in zip(again, [first[2], first[0], first[0], first[1]]))
+    assert (store.misses, store.hits) == (3, 5) and len(store) == 3
+    assert store.get(refs[0]) is first[0]
+
+
+@pytest.mark.parametrize("use_dali", DALI_CHOICES)
+def test_get_many_names_the_corrupt_file_and_keeps_the_others(tmp_path, use_dali):
+    good = ImageRef(data=_png_bytes(np.full((8, 8, 3), 9, np.uint8)), name="good.png")
+    cut = tmp_path / "cut.png"  # a whole IHDR (8-bit gray, so it is DALI's), then nothing
+    cut.write_bytes(_png_bytes(np.zeros((64, 64), np.uint8))[:60])
+    jpeg = _jpeg_bytes(skimage.data.chelsea())
+    half = ImageRef(data=jpeg[: len(jpeg) // 2], name="scan-17.jpg")
+    store = ImageStore(use_dali=use_dali)
+    with pytest.raises(ImageDecodeError) as err:
+        store.get_many([good, ImageRef(path=str(cut)), half])
+    with pytest.raises(ImageDecodeError) as expected:
+        decode_image(ImageRef(path=str(cut)))
+    assert str(err.value) == str(expected.value) and "cut.png" in str(err.value)  # the PIL path's message
+    assert len(store) == 1 and store.get(good).pixels.shape == (3, 8, 8) and store.hits == 1
+    with pytest.raises(ImageDecodeError, match="scan-17.jpg: not a readable image"):
+        store.get_many([half])
+
+
+@needs_dali
+def test_what_dali_rejects_and_pil_reads_comes_from_pil():
+    data = _png_bytes(skimage.data.camera())[:-12]  # no IEND chunk: libpng in DALI refuses, Pillow reads
+    image = ImageStore(use_dali=True).get_many([ImageRef(data=data, name="no-iend.png")])[0]
+    assert image.meta["decoder"] == "pil" and torch.equal(image.pixels, decode_image(ImageRef(data=data)).pixels)
+
+
+def test_dali_channels_follow_the_pil_path():
+    gray, rgb = skimage.data.camera()[:16, :16], skimage.data.astronaut()[:16, :16]
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (8, 8)).save(cmyk, format="JPEG")
+    assert dali_channels(_png_bytes(gray)) == 1 and dali_channels(_png_bytes(rgb)) == 3
+    assert dali_channels(_jpeg_bytes(gray)) == 1 and dali_channels(_jpeg_bytes(rgb, progressive=True)) == 3
+    assert dali_channels(_png_bytes(gray.astype(np.uint16) * 257)) is None  # 16-bit: full depth
+    assert dali_channels(cmyk.getvalue()) is None  # CMYK: Pillow's conversion
+    assert dali_channels(open(get_testdata_file("693_UNCR.dcm"), "rb").read(), ".dcm") is None
+    assert dali_channels(b"not an image") is None and dali_channels(b"\xff\xd8\xff") is None
+
+
+def test_store_without_dali(monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(dali_kernels, "available", lambda: False)
+    with pytest.raises(ImportError, match="needs NVIDIA DALI"):
+        ImageStore(use_dali=True)
+    store = ImageStore()
+    assert store.use_dali is False
+    image = store.get_many([ImageRef(data=_png_bytes(np.zeros((4, 4), np.uint8)))])[0]
+    assert image.meta["decoder"] == "pil"
+    assert pickle.loads(pickle.dumps(ImageStore(use_dali=False))).use_dali is False
