@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["medvistagym", "medvistagym.*"]),
+    package_data={"medvistagym.kernels": ["csrc/*.cpp"]},  # compiled on first use
     install_requires=[
         # The CPU build of torch is installed first by the Makefile (see README);
         # a bare "torch" here would let pip fetch a multi-GB CUDA build.
@@ -24,11 +25,16 @@ setup(
         "pyyaml>=6.0",
         "rich>=13",
         "tqdm>=4.60",
+        "ninja",  # builds the compiled CPU kernels on first use
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "jsonschema>=4"],
+        # Tests run the Triton kernels in its interpreter, DALI's CPU pipelines, and compare
+        # against transformers' Qwen image processors (the peers' path in benchmarks too).
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "jsonschema>=4",
+                 "triton>=3.0", "transformers>=5.0", "nvidia-dali-cuda120>=2.0"],
         "dali": ["nvidia-dali-cuda120>=2.0"],
         "triton": ["triton>=3.0"],
+        "bench": ["transformers>=5.0"],
         "vllm": ["vllm>=0.10"],
     },
     entry_points={"console_scripts": ["medvistagym=medvistagym.cli:main"]},

@@ -1,6 +1,11 @@
-"""Image kernels: batched crop + resample matching Pillow, behind one dispatching function."""
+"""Image kernels: batched crop + resample matching Pillow, and zooms straight to Qwen-VL patches,
+each behind one dispatching function (torch reference, compiled CPU, Triton on CUDA)."""
 
-from .api import crop_resize
+from .api import BACKENDS, backend_available, crop_patchify, crop_resize
+from .patchify import PRESETS, Patches, VisionPreset
 from .plan import ResamplePlan, plan_resample
 
-__all__ = ["ResamplePlan", "crop_resize", "plan_resample"]
+__all__ = [
+    "BACKENDS", "PRESETS", "Patches", "ResamplePlan", "VisionPreset", "backend_available", "crop_patchify",
+    "crop_resize", "plan_resample",
+]

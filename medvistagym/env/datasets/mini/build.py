@@ -67,7 +67,9 @@ def make_case(spec: SourceSpec, image: SourceImage, rng: np.random.Generator) ->
     x0, y0 = rng.uniform(0, image.width - cw), rng.uniform(0, image.height - ch)
     scale = math.sqrt(CASE_AREA / (cw * ch))
     size = (round(ch * scale), round(cw * scale))
-    values = crop_resize([image.pixels], [(x0, y0, x0 + cw, y0 + ch)], [size], mode="bicubic", out_dtype=torch.float32)[0]
+    # The torch reference: the data set must not depend on which back end a machine can build.
+    values = crop_resize([image.pixels], [(x0, y0, x0 + cw, y0 + ch)], [size], mode="bicubic",
+                         out_dtype=torch.float32, backend="torch")[0]
     window = _case_window(spec, image) if image.channels == 1 else None
     display = _display(values, window, image.invert)
 
