@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from .bench import decode as bench_decode
 from .bench import kernels as bench_kernels
 
 
@@ -85,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmark tables")
     benches = bench.add_subparsers(dest="bench", required=True)
-    kernels = benches.add_parser("kernels", help="crop + resize: ours batched vs PIL per crop vs torch")
+    kernels = benches.add_parser("kernels", help="zooms to images / Qwen patches: ours vs the peers' PIL+JPEG+HF path")
     bench_kernels.add_arguments(kernels)
     kernels.set_defaults(func=bench_kernels.run)
+    decode = benches.add_parser("decode", help="decoding JPEGs into the image store: DALI batch vs PIL")
+    bench_decode.add_arguments(decode)
+    decode.set_defaults(func=bench_decode.run)
     return parser
 
 

@@ -30,3 +30,11 @@ def test_data_info_and_missing_dataset_root(tmp_path, capsys):
 def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "medvistagym.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "eval" in done.stdout
+
+
+def test_benchmarks_print_their_tables(capsys):
+    assert main(["bench", "kernels", "--zooms", "2", "--repeats", "1", "--backends", "torch", "--out-size", "56", "56"]) == 0
+    printed = capsys.readouterr().out
+    assert "peers: PIL crop, JPEG round trip, HF processor" in printed and "crop_patchify [torch]" in printed
+    assert main(["bench", "decode", "--images", "2", "--repeats", "1"]) == 0
+    assert "PIL, one by one" in capsys.readouterr().out

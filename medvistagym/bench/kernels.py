@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medvistagym.kernels import backend_available, crop_patchify, crop_resize
@@ -178,7 +179,7 @@ def print_table(rows: list[dict], title: str) -> None:
         table.add_column(column, justify="left" if column in ("method", "output") else "right")
     for row in rows:
         table.add_row(
-            row["method"], row["output"], str(row["zooms"]), f"{row['ms_per_call']:.1f}", f"{row['zooms_per_s']:.0f}",
+            escape(row["method"]), row["output"], str(row["zooms"]), f"{row['ms_per_call']:.1f}", f"{row['zooms_per_s']:.0f}",
             "-" if row["vs_peers"] is None else f"{row['vs_peers']:.1f}x",
             "-" if row["gb_per_s"] is None else f"{row['gb_per_s']:.0f}",
             "-" if row["copy_share"] is None else f"{row['copy_share']:.0%}",
