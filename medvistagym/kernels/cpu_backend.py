@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -39,13 +38,13 @@ from typing import Sequence
 
 import torch
 
+from ..cache import cache_root
 from .patchify import Patches, PresetLike, VisionPreset, box_windows, check_sizes, normalise
 from .patchify import preset as resolve_preset
 from .plan import ResamplePlan, finish
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MEDVISTAGYM_CACHE"
 SOURCE = Path(__file__).parent / "csrc" / "resample_cpu.cpp"
 # Output dtypes the C++ writes itself; any other is converted from these by `finish`.
 NATIVE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32)
@@ -53,8 +52,7 @@ NATIVE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32)
 
 def build_directory(name: str) -> Path:
     """Where the extension is built: shared by tests and runs, so it is compiled once per machine."""
-    base = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "medvistagym"))
-    return base / "torch_extensions" / name
+    return cache_root() / "torch_extensions" / name
 
 
 def _build_config() -> tuple[str, list[str]]:

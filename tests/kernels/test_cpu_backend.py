@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from medvistagym.cache import CACHE_ENV
 from medvistagym.kernels import cpu_backend
 from medvistagym.kernels.crop_resize import crop_resize_torch
 from medvistagym.kernels.patchify import Patches, crop_patchify_torch, display_levels, patchify_torch
@@ -254,7 +255,7 @@ def test_a_failed_build_reports_unavailable_and_warns_once(
 ) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setenv(cpu_backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(cpu_backend, "SOURCE", broken)
     monkeypatch.setattr(cpu_backend, "_extension", functools.cache(cpu_backend._extension.__wrapped__))
     with caplog.at_level(logging.WARNING, logger=cpu_backend.__name__):

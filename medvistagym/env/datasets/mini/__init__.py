@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ....cache import cache_root
 from ...task import AnswerType, ImageRef, Region, Task
 from ..base import DatasetError, require_file
 from .build import SPLIT_CASES, VERSION, build
 
-CACHE_ENV = "MEDVISTAGYM_CACHE"
-
-
 def default_root() -> Path:
-    base = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "medvistagym"))
-    return base / f"medvista-mini-v{VERSION}"
+    return cache_root() / f"medvista-mini-v{VERSION}"
 
 
 @contextmanager
