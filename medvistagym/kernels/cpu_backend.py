@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -72,6 +73,8 @@ def _extension() -> tuple[ModuleType | None, str | None]:
 
         directory = build_directory(name)
         directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob(f"{name}*.so")):  # say why the first call pauses
+            print(f"medvistagym: compiling the CPU kernels into {directory} (first use only, ~30 s)", file=sys.stderr)
         # load() serialises concurrent builders (pytest-xdist workers) with a lock file in `directory`.
         module = cpp_extension.load(
             name=name,

@@ -1,4 +1,9 @@
-"""The compiled CPU back end against Pillow, the torch back end and the torch patchify reference."""
+"""What is particular to the compiled CPU back end: a failed build, direct comparisons with the
+torch back end that the Pillow checks do not make, and the fused zoom-to-patches path.
+
+Its Pillow parity (bit-exact for uint8) is checked with the torch reference's in
+test_crop_resize.py, over the `backend` fixture.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
+from pillow_cases import CASES, MODES, as_tensor, level_diff, noise, pil_resize, random_boxes
 
 from medvistagym.cache import CACHE_ENV
 from medvistagym.kernels import cpu_backend
@@ -26,121 +28,18 @@ if not cpu_backend.available():
 
 from medvistagym.kernels.cpu_backend import crop_patchify_cpu, crop_resize_cpu  # noqa: E402
 
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-MODES = tuple(PIL_FILTERS)
-
-
-@pytest.fixture(scope="module")
-def ihc() -> np.ndarray:
-    return skimage.data.immunohistochemistry()  # (512, 512, 3) pathology, uint8
-
-
-@pytest.fixture(scope="module")
-def camera() -> np.ndarray:
-    return skimage.data.camera()  # (512, 512) grey, uint8
-
-
-def as_tensor(arr: np.ndarray) -> torch.Tensor:
-    """(H, W) or (H, W, C) array -> (C, H, W) tensor."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def pil_resize(arr: np.ndarray, box: tuple[float, ...], size: tuple[int, int], mode: str) -> np.ndarray:
-    """Pillow's answer as (C, h, w); float32 arrays go through mode "F" one channel at a time."""
-    if arr.dtype == np.float32 and arr.ndim == 3:
-        return np.concatenate([pil_resize(arr[..., c], box, size, mode) for c in range(arr.shape[2])])
-    im = Image.fromarray(arr, "F") if arr.dtype == np.float32 else Image.fromarray(arr)
-    out = np.asarray(im.resize((size[1], size[0]), PIL_FILTERS[mode], box=box))
-    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
-
-
-def level_diff(ours: torch.Tensor, ref: np.ndarray | torch.Tensor) -> int:
-    ref = ref.numpy() if isinstance(ref, torch.Tensor) else ref
-    assert tuple(ours.shape) == ref.shape
-    return int(np.abs(ours.numpy().astype(np.int64) - ref.astype(np.int64)).max())
-
-
-def noise(h: int, w: int, channels: int = 0, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (h, w, channels) if channels else (h, w), dtype=np.uint8)
-
-
-# Boxes (x1, y1, x2, y2) on a 512 x 512 image and output (h, w), covering the cases Pillow treats specially.
-CASES = {
-    "upscale-fractional": ((100.25, 60.5, 163.75, 140.125), (301, 233)),
-    "downscale-fractional": ((3.3, 7.9, 500.1, 480.6), (97, 131)),
-    "mixed-up-and-down": ((10.0, 20.0, 410.0, 60.0), (50, 300)),
-    "whole-image": ((0.0, 0.0, 512.0, 512.0), (256, 384)),
-    "identity": ((0.0, 0.0, 512.0, 512.0), (512, 512)),
-    "touching-left-top": ((0.0, 0.0, 37.5, 81.2), (64, 48)),
-    "touching-right-bottom": ((470.7, 430.2, 512.0, 512.0), (90, 33)),
-    "one-pixel-wide-output": ((50.0, 50.0, 300.0, 400.0), (120, 1)),
-    "one-pixel-high-output": ((50.5, 50.0, 300.0, 60.0), (1, 77)),
-    "one-by-one-output": ((0.0, 0.0, 512.0, 512.0), (1, 1)),
-    "thin-box": ((200.0, 0.0, 200.6, 512.0), (64, 16)),
-    "extreme-aspect-wide": ((0.0, 255.0, 512.0, 257.0), (3, 500)),
-    "extreme-aspect-tall": ((255.0, 0.0, 256.5, 512.0), (500, 2)),
-    "tall-downscale-vertical-first": ((0.0, 0.0, 512.0, 512.0), (16, 480)),
-    "sub-pixel-box": ((10.2, 20.4, 10.7, 20.9), (9, 7)),
-}
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES)
-def test_uint8_is_bit_exact_to_pillow_rgb_and_l(case: str, mode: str, ihc: np.ndarray, camera: np.ndarray) -> None:
-    box, size = CASES[case]
-    for arr in (ihc, camera):
-        plan = plan_resample(as_tensor(arr), [box], size, mode=mode)
-        (ours,) = crop_resize_cpu(plan)
-        assert ours.dtype == torch.uint8
-        assert level_diff(ours, pil_resize(arr, box, size, mode)) == 0, (case, arr.ndim)
-        assert level_diff(ours, crop_resize_torch(plan)[0]) <= 1
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES)
-def test_float_matches_pillow_mode_f_and_torch(case: str, mode: str, camera: np.ndarray) -> None:
+def test_float_matches_the_torch_reference_closer_than_pillow(case: str, mode: str, camera: np.ndarray) -> None:
+    # Pillow parity (rtol 1e-4) is test_crop_resize.py::test_float_matches_pillow_mode_f[cpu];
+    # against the torch reference the compiled back end is held to rtol 1e-5, which that does not imply.
     box, size = CASES[case]
     arr = camera.astype(np.float32) / 7.0 - 3.0  # negative values too
     plan = plan_resample(as_tensor(arr), [box], size, mode=mode)
     (ours,) = crop_resize_cpu(plan)
     assert ours.dtype == torch.float32
-    np.testing.assert_allclose(ours[0].numpy(), pil_resize(arr, box, size, mode)[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours, crop_resize_torch(plan)[0], rtol=1e-5, atol=1e-4)
-
-
-def test_both_pass_orders_on_noise_with_clamping() -> None:
-    # Bicubic overshoot on noise clamps after each pass, so a wrong pass order shows as many levels.
-    arr = noise(96, 80, 3, seed=1)
-    boxes = [(0.0, 0.0, 80.0, 96.0), (3.5, 2.25, 70.0, 90.5), (10.0, 10.0, 20.0, 30.0), (0.5, 0.0, 79.5, 96.0)]
-    sizes = [(20, 70), (40, 200), (150, 45), (7, 64)]
-    plan = plan_resample(as_tensor(arr), boxes, sizes)
-    assert plan.vertical_first.any() and not plan.vertical_first.all()
-    for box, size, ours in zip(boxes, sizes, crop_resize_cpu(plan)):
-        assert level_diff(ours, pil_resize(arr, box, size, "bicubic")) == 0
-
-
-@pytest.mark.parametrize(("height", "out_h"), [(40, 19), (40, 20), (80, 59), (80, 60)])
-def test_pass_order_switches_where_pillow_13_switches(height: int, out_h: int) -> None:
-    arr = noise(height, 40, 3, seed=height + out_h)
-    box = (0.0, 0.0, 40.0, float(height))
-    (ours,) = crop_resize_cpu(plan_resample(as_tensor(arr), [box], (out_h, 30)))
-    assert level_diff(ours, pil_resize(arr, box, (out_h, 30), "bicubic")) == 0
-
-
-def random_boxes(shapes: list[tuple[int, int]], n: int, seed: int, max_out: int = 90) -> tuple[list, list, list]:
-    """n boxes cycling over images of the given (h, w), with per-box output sizes."""
-    rng = np.random.default_rng(seed)
-    boxes, sizes, index = [], [], []
-    for i in range(n):
-        j = i % len(shapes)
-        h, w = shapes[j]
-        x1, y1 = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
-        boxes.append((x1, y1, rng.uniform(x1 + 0.5, w), rng.uniform(y1 + 0.5, h)))
-        sizes.append((int(rng.integers(1, max_out)), int(rng.integers(1, max_out))))
-        index.append(j)
-    return boxes, sizes, index
 
 
 def test_many_boxes_over_images_of_different_sizes_and_dtypes_in_one_call(ihc: np.ndarray, camera: np.ndarray) -> None:
@@ -168,20 +67,6 @@ def test_many_boxes_over_images_of_different_sizes_and_dtypes_in_one_call(ihc: n
             assert level_diff(o, pil_resize(arrays[j], box, size, "bicubic")) == 0
 
 
-def test_uint16_and_int16_round_once_like_a_float_reference(camera: np.ndarray) -> None:
-    tolerance = 0.5 + 0.05  # rounding once, plus float32 sums near 6e4
-    box, size = (12.5, 30.25, 400.0, 500.0), (77, 150)
-    cases = ((camera * np.float32(257.0), torch.uint16), (camera * np.float32(200.0) - 25000.0, torch.int16))
-    for values, dtype in cases:
-        plan = plan_resample(as_tensor(values).to(dtype), [box], size)
-        (ours,) = crop_resize_cpu(plan)
-        info = torch.iinfo(dtype)
-        ref = np.clip(pil_resize(values.astype(np.float32), box, size, "bicubic"), info.min, info.max)
-        assert ours.dtype == dtype
-        assert np.abs(ours.numpy().astype(np.float64) - ref).max() <= tolerance
-        assert level_diff(ours, crop_resize_torch(plan)[0]) <= 1
-
-
 @pytest.mark.parametrize(
     "out_dtype", [torch.float32, torch.uint8, torch.int16, torch.uint16, torch.float64, torch.int32]
 )
@@ -200,9 +85,6 @@ def test_out_dtype_conversions_match_torch(out_dtype: torch.dtype, ihc: np.ndarr
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-2)
         else:
             assert float((ours.double() - ref.double()).abs().max()) <= 1
-    (levels,) = crop_resize_cpu(plan_resample(as_tensor(ihc), [box], size))
-    (floats,) = crop_resize_cpu(plan_resample(as_tensor(ihc), [box], size), torch.float32)
-    assert torch.equal(floats, levels.float())
 
 
 def test_antialias_off_and_non_contiguous_images_match_torch(camera: np.ndarray) -> None:
@@ -212,42 +94,6 @@ def test_antialias_off_and_non_contiguous_images_match_torch(camera: np.ndarray)
         plan = plan_resample(src, boxes, sizes, antialias=antialias)
         for o, r in zip(crop_resize_cpu(plan), crop_resize_torch(plan)):
             assert level_diff(o, r) <= 1
-
-
-def test_no_boxes_gives_no_crops(camera: np.ndarray) -> None:
-    assert crop_resize_cpu(plan_resample(as_tensor(camera), torch.zeros(0, 4), (8, 8))) == []
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    data=st.data(),
-    height=st.integers(1, 40),
-    width=st.integers(1, 40),
-    channels=st.sampled_from([1, 3]),
-    mode=st.sampled_from(MODES),
-    seed=st.integers(0, 2**16),
-)
-def test_property_random_boxes_match_pillow(
-    data: st.DataObject, height: int, width: int, channels: int, mode: str, seed: int
-) -> None:
-    arr = noise(height, width, channels if channels == 3 else 0, seed=seed)
-    boxes, sizes = [], []
-    for _ in range(data.draw(st.integers(1, 4), label="boxes")):
-        x = sorted(data.draw(st.lists(st.floats(0, width), min_size=2, max_size=2, unique=True)))
-        y = sorted(data.draw(st.lists(st.floats(0, height), min_size=2, max_size=2, unique=True)))
-        if np.float32(x[1]) <= np.float32(x[0]) or np.float32(y[1]) <= np.float32(y[0]):
-            continue  # collapses in float32, where Pillow works
-        boxes.append((x[0], y[0], x[1], y[1]))
-        sizes.append((data.draw(st.integers(1, 50)), data.draw(st.integers(1, 50))))
-    if not boxes:
-        return
-    levels = crop_resize_cpu(plan_resample(as_tensor(arr), boxes, sizes, mode=mode))
-    for box, size, ours in zip(boxes, sizes, levels):
-        assert level_diff(ours, pil_resize(arr, box, size, mode)) == 0
-    floats = arr.astype(np.float32)
-    resampled = crop_resize_cpu(plan_resample(as_tensor(floats), boxes, sizes, mode=mode))
-    for box, size, ours in zip(boxes, sizes, resampled):
-        np.testing.assert_allclose(ours.numpy(), pil_resize(floats, box, size, mode), rtol=1e-4, atol=1e-3)
 
 
 def test_a_failed_build_reports_unavailable_and_warns_once(

@@ -1,4 +1,8 @@
-"""crop_resize against Pillow's Image.resize(size, filter, box=...) and against a direct reference."""
+"""crop_resize against Pillow's Image.resize(size, filter, box=...) and against a direct reference.
+
+Every check of results runs once per CPU back end (the `backend` fixture): the torch reference
+within one uint8 level of Pillow, the compiled CPU back end bit-exact (UINT8_LEVELS).
+"""
 
 from __future__ import annotations
 
@@ -7,137 +11,81 @@ import math
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from pillow_cases import CASES, MODES, UINT8_LEVELS, as_tensor, level_diff, noise, pil_resize, random_boxes
 
-from medvistagym.kernels import crop_resize
+from medvistagym.kernels import crop_resize, plan_resample
 from medvistagym.kernels.resample import axis_weights
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 crop_resize_module = importlib.import_module("medvistagym.kernels.crop_resize")
 
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-MODES = tuple(PIL_FILTERS)
-
-
-@pytest.fixture(scope="module")
-def ihc() -> np.ndarray:
-    return skimage.data.immunohistochemistry()  # (512, 512, 3) pathology, uint8
-
-
-@pytest.fixture(scope="module")
-def camera() -> np.ndarray:
-    return skimage.data.camera()  # (512, 512) grey, uint8
-
-
-def as_tensor(arr: np.ndarray) -> torch.Tensor:
-    """(H, W) or (H, W, C) array -> (C, H, W) tensor."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def pil_resize(arr: np.ndarray, box: tuple[float, ...], size: tuple[int, int], mode: str) -> np.ndarray:
-    """Pillow's answer as (C, h, w); float32 arrays go through mode "F" one channel at a time."""
-    if arr.dtype == np.float32 and arr.ndim == 3:
-        return np.concatenate([pil_resize(arr[..., c], box, size, mode) for c in range(arr.shape[2])])
-    im = Image.fromarray(arr, "F") if arr.dtype == np.float32 else Image.fromarray(arr)
-    out = np.asarray(im.resize((size[1], size[0]), PIL_FILTERS[mode], box=box))
-    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
-
-
-def max_level_diff(ours: torch.Tensor, ref: np.ndarray) -> int:
-    assert ours.dtype == torch.uint8 and tuple(ours.shape) == ref.shape
-    return int(np.abs(ours.numpy().astype(int) - ref.astype(int)).max())
-
-
-def noise(h: int, w: int, channels: int = 0, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (h, w, channels) if channels else (h, w), dtype=np.uint8)
-
-
-# Boxes (x1, y1, x2, y2) on a 512 x 512 image and output (h, w), covering the cases Pillow treats specially.
-CASES = {
-    "upscale-fractional": ((100.25, 60.5, 163.75, 140.125), (301, 233)),
-    "downscale-fractional": ((3.3, 7.9, 500.1, 480.6), (97, 131)),
-    "mixed-up-and-down": ((10.0, 20.0, 410.0, 60.0), (50, 300)),
-    "whole-image": ((0.0, 0.0, 512.0, 512.0), (256, 384)),
-    "touching-left-top": ((0.0, 0.0, 37.5, 81.2), (64, 48)),
-    "touching-right-bottom": ((470.7, 430.2, 512.0, 512.0), (90, 33)),
-    "one-pixel-wide-output": ((50.0, 50.0, 300.0, 400.0), (120, 1)),
-    "one-pixel-high-output": ((50.5, 50.0, 300.0, 60.0), (1, 77)),
-    "one-by-one-output": ((0.0, 0.0, 512.0, 512.0), (1, 1)),
-    "thin-box": ((200.0, 0.0, 200.6, 512.0), (64, 16)),
-    "extreme-aspect-wide": ((0.0, 255.0, 512.0, 257.0), (3, 500)),
-    "extreme-aspect-tall": ((255.0, 0.0, 256.5, 512.0), (500, 2)),
-    "tall-downscale-vertical-first": ((0.0, 0.0, 512.0, 512.0), (16, 480)),
-    "sub-pixel-box": ((10.2, 20.4, 10.7, 20.9), (9, 7)),
-}
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES)
-def test_uint8_matches_pillow_rgb_and_l(case: str, mode: str, ihc: np.ndarray, camera: np.ndarray) -> None:
+def test_uint8_matches_pillow_rgb_and_l(
+    case: str, mode: str, backend: str, ihc: np.ndarray, camera: np.ndarray
+) -> None:
     box, size = CASES[case]
     for arr in (ihc, camera):
-        (ours,) = crop_resize(as_tensor(arr), [box], size, mode=mode)
-        assert max_level_diff(ours, pil_resize(arr, box, size, mode)) <= 1, (case, arr.ndim)
+        (ours,) = crop_resize(as_tensor(arr), [box], size, mode=mode, backend=backend)
+        assert level_diff(ours, pil_resize(arr, box, size, mode)) <= UINT8_LEVELS[backend], (case, arr.ndim)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES)
-def test_float_matches_pillow_mode_f(case: str, mode: str, camera: np.ndarray) -> None:
+def test_float_matches_pillow_mode_f(case: str, mode: str, backend: str, camera: np.ndarray) -> None:
     box, size = CASES[case]
     arr = camera.astype(np.float32) / 7.0 - 3.0  # negative values too
-    (ours,) = crop_resize(as_tensor(arr), [box], size, mode=mode)
+    (ours,) = crop_resize(as_tensor(arr), [box], size, mode=mode, backend=backend)
     assert ours.dtype == torch.float32
     np.testing.assert_allclose(ours[0].numpy(), pil_resize(arr, box, size, mode)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_noise_exercises_clamping_and_pass_order() -> None:
+def test_noise_exercises_clamping_and_pass_order(backend: str) -> None:
     # Bicubic overshoot on noise is clamped after each pass, so a wrong pass order or a
     # missing intermediate rounding shows up as errors of many levels here.
     arr = noise(96, 80, 3, seed=1)
-    boxes = [(0.0, 0.0, 80.0, 96.0), (3.5, 2.25, 70.0, 90.5), (10.0, 10.0, 20.0, 30.0)]
-    sizes = [(20, 70), (40, 200), (150, 45)]  # the first runs the vertical pass first in Pillow 13
-    outs = crop_resize(as_tensor(arr), boxes, sizes)
+    boxes = [(0.0, 0.0, 80.0, 96.0), (3.5, 2.25, 70.0, 90.5), (10.0, 10.0, 20.0, 30.0), (0.5, 0.0, 79.5, 96.0)]
+    sizes = [(20, 70), (40, 200), (150, 45), (7, 64)]  # the first runs the vertical pass first in Pillow 13
+    plan = plan_resample(as_tensor(arr), boxes, sizes)
+    assert plan.vertical_first.any() and not plan.vertical_first.all()  # both pass orders in one call
+    outs = crop_resize(as_tensor(arr), boxes, sizes, backend=backend)
     for box, size, ours in zip(boxes, sizes, outs):
-        assert max_level_diff(ours, pil_resize(arr, box, size, "bicubic")) <= 1
+        assert level_diff(ours, pil_resize(arr, box, size, "bicubic")) <= UINT8_LEVELS[backend]
 
 
 @pytest.mark.parametrize(("height", "out_h"), [(40, 19), (40, 20), (80, 59), (80, 60)])
-def test_pass_order_switches_where_pillow_13_switches(height: int, out_h: int) -> None:
+def test_pass_order_switches_where_pillow_13_switches(height: int, out_h: int, backend: str) -> None:
     # Pillow 13 goes vertical-first once the height loses > 2x the pixels the width loses:
     # 40 -> 19 rows is vertical-first and 40 -> 20 is not when 40 -> 30 columns (likewise 80 -> 59 / 60).
     arr = noise(height, 40, 3, seed=height + out_h)
-    (ours,) = crop_resize(as_tensor(arr), [(0.0, 0.0, 40.0, float(height))], (out_h, 30))
-    assert max_level_diff(ours, pil_resize(arr, (0.0, 0.0, 40.0, float(height)), (out_h, 30), "bicubic")) <= 1
+    box = (0.0, 0.0, 40.0, float(height))
+    (ours,) = crop_resize(as_tensor(arr), [box], (out_h, 30), backend=backend)
+    assert level_diff(ours, pil_resize(arr, box, (out_h, 30), "bicubic")) <= UINT8_LEVELS[backend]
 
 
-def test_many_boxes_over_images_of_different_sizes_in_one_call(ihc: np.ndarray, camera: np.ndarray) -> None:
+def test_many_boxes_over_images_of_different_sizes_in_one_call(
+    backend: str, ihc: np.ndarray, camera: np.ndarray
+) -> None:
     images = [ihc, camera, ihc[100:400, 37:200], noise(45, 130, seed=3), camera[::3, ::2]]
-    rng = np.random.default_rng(7)
-    boxes, sizes, index = [], [], []
-    for i in range(40):
-        j = i % len(images)
-        h, w = images[j].shape[:2]
-        x1, y1 = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
-        boxes.append((x1, y1, rng.uniform(x1 + 0.5, w), rng.uniform(y1 + 0.5, h)))
-        sizes.append((int(rng.integers(1, 90)), int(rng.integers(1, 90))))
-        index.append(j)
-    outs = crop_resize([as_tensor(a) for a in images], boxes, sizes, image_index=index)
+    boxes, sizes, index = random_boxes([a.shape[:2] for a in images], 40, seed=7)
+    outs = crop_resize([as_tensor(a) for a in images], boxes, sizes, image_index=index, backend=backend)
     assert len(outs) == len(boxes)
     for box, size, j, ours in zip(boxes, sizes, index, outs):
-        assert max_level_diff(ours, pil_resize(images[j], box, size, "bicubic")) <= 1
+        assert level_diff(ours, pil_resize(images[j], box, size, "bicubic")) <= UINT8_LEVELS[backend]
 
 
-def test_stacked_boxes_match_pillow_and_single_calls(ihc: np.ndarray) -> None:
-    # Equal output sizes and near-equal spans put these boxes into shared stacks (checked below),
-    # so this covers the padded, batched path.
-    src, size, n = as_tensor(ihc), (32, 40), 9
-    boxes = [(10.0 + 37.3 * k, 5.0 + 21.7 * k, 110.0 + 37.3 * k, 95.0 + 21.7 * k + 0.1 * k) for k in range(n)]
+# Equal output sizes and near-equal spans: boxes the torch back end puts into shared stacks.
+STACKED_SIZE = (32, 40)
+STACKED_BOXES = [(10.0 + 37.3 * k, 5.0 + 21.7 * k, 110.0 + 37.3 * k, 95.0 + 21.7 * k + 0.1 * k) for k in range(9)]
+
+
+def test_stacked_boxes_share_torch_stacks(ihc: np.ndarray) -> None:
+    # Checks that test_stacked_boxes_match_pillow_and_single_calls covers torch's padded, batched path.
+    src, size, boxes, n = as_tensor(ihc), STACKED_SIZE, STACKED_BOXES, len(STACKED_BOXES)
     box = torch.tensor(boxes, dtype=torch.float64)
     taps = axis_weights(
         torch.tensor([512] * 2 * n),
@@ -150,30 +98,33 @@ def test_stacked_boxes_match_pillow_and_single_calls(ihc: np.ndarray) -> None:
     groups = crop_resize_module._groups([src] * n, hw, horizontal_first, taps.count.amax(dim=1), band)
     assert max(len(g) for g in groups) > 1
 
-    stacked = crop_resize(src, boxes, size)
-    singles = [crop_resize(src, [b], size)[0] for b in boxes]
+
+def test_stacked_boxes_match_pillow_and_single_calls(backend: str, ihc: np.ndarray) -> None:
+    src, size, boxes = as_tensor(ihc), STACKED_SIZE, STACKED_BOXES
+    stacked = crop_resize(src, boxes, size, backend=backend)
+    singles = [crop_resize(src, [b], size, backend=backend)[0] for b in boxes]
     for b, ours, single in zip(boxes, stacked, singles):
-        assert max_level_diff(ours, pil_resize(ihc, b, size, "bicubic")) <= 1
-        assert int((ours.int() - single.int()).abs().max()) <= 1
+        assert level_diff(ours, pil_resize(ihc, b, size, "bicubic")) <= UINT8_LEVELS[backend]
+        assert level_diff(ours, single) <= 1
 
 
-def test_per_box_sizes_as_list_and_tensor(camera: np.ndarray) -> None:
+def test_per_box_sizes_as_list_and_tensor(backend: str, camera: np.ndarray) -> None:
     boxes = torch.tensor([[0.0, 0.0, 100.0, 100.0], [50.5, 60.5, 300.25, 200.0], [0.0, 0.0, 512.0, 512.0]])
     sizes = [(10, 20), (200, 33), (1, 512)]
-    from_list = crop_resize(as_tensor(camera), boxes, sizes)
-    from_tensor = crop_resize(as_tensor(camera), boxes, torch.tensor(sizes))
+    from_list = crop_resize(as_tensor(camera), boxes, sizes, backend=backend)
+    from_tensor = crop_resize(as_tensor(camera), boxes, torch.tensor(sizes), backend=backend)
     for box, size, a, b in zip(boxes.tolist(), sizes, from_list, from_tensor):
         assert tuple(a.shape) == (1, *size)
         assert torch.equal(a, b)
-        assert max_level_diff(a, pil_resize(camera, tuple(box), size, "bicubic")) <= 1
+        assert level_diff(a, pil_resize(camera, tuple(box), size, "bicubic")) <= UINT8_LEVELS[backend]
 
 
-def test_default_image_index_pairs_box_i_with_image_i(ihc: np.ndarray, camera: np.ndarray) -> None:
+def test_default_image_index_pairs_box_i_with_image_i(backend: str, ihc: np.ndarray, camera: np.ndarray) -> None:
     images = [as_tensor(camera), as_tensor(ihc)]
     boxes = [(0.0, 0.0, 40.0, 40.0), (10.0, 10.0, 50.0, 50.0)]
-    a, b = crop_resize(images, boxes, (20, 20))
+    a, b = crop_resize(images, boxes, (20, 20), backend=backend)
     assert a.shape == (1, 20, 20) and b.shape == (3, 20, 20)
-    assert max_level_diff(b, pil_resize(ihc, boxes[1], (20, 20), "bicubic")) <= 1
+    assert level_diff(b, pil_resize(ihc, boxes[1], (20, 20), "bicubic")) <= UINT8_LEVELS[backend]
 
 
 @settings(max_examples=40, deadline=None)
@@ -186,7 +137,7 @@ def test_default_image_index_pairs_box_i_with_image_i(ihc: np.ndarray, camera: n
     seed=st.integers(0, 2**16),
 )
 def test_property_random_boxes_match_pillow(
-    data: st.DataObject, height: int, width: int, channels: int, mode: str, seed: int
+    backend: str, data: st.DataObject, height: int, width: int, channels: int, mode: str, seed: int
 ) -> None:
     arr = noise(height, width, channels if channels == 3 else 0, seed=seed)
     n = data.draw(st.integers(1, 4), label="boxes")
@@ -200,39 +151,42 @@ def test_property_random_boxes_match_pillow(
         sizes.append((data.draw(st.integers(1, 50)), data.draw(st.integers(1, 50))))
     if not boxes:
         return
-    outs = crop_resize(as_tensor(arr), boxes, sizes, mode=mode)
+    outs = crop_resize(as_tensor(arr), boxes, sizes, mode=mode, backend=backend)
     for box, size, ours in zip(boxes, sizes, outs):
-        assert max_level_diff(ours, pil_resize(arr, box, size, mode)) <= 1
-    floats = crop_resize(as_tensor(arr.astype(np.float32)), boxes, sizes, mode=mode)
+        assert level_diff(ours, pil_resize(arr, box, size, mode)) <= UINT8_LEVELS[backend]
+    floats = crop_resize(as_tensor(arr.astype(np.float32)), boxes, sizes, mode=mode, backend=backend)
     for box, size, ours in zip(boxes, sizes, floats):
         ref = pil_resize(arr.astype(np.float32), box, size, mode)
         np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=1e-3)
 
 
-def test_uint16_and_int16_match_a_rounded_float_reference(camera: np.ndarray) -> None:
+def test_uint16_and_int16_match_a_rounded_float_reference(backend: str, camera: np.ndarray) -> None:
     # Rounding once allows 0.5; float32 sums near 6e4 add a few hundredths.
     tolerance = 0.5 + 0.05
     box, size = (12.5, 30.25, 400.0, 500.0), (77, 150)
     wide = camera.astype(np.float32) * 257.0  # full uint16 range, overshoot clamps at 65535
-    (u16,) = crop_resize(as_tensor(wide.astype(np.uint16)), [box], size)
+    (u16,) = crop_resize(as_tensor(wide.astype(np.uint16)), [box], size, backend=backend)
     ref = pil_resize(wide, box, size, "bicubic")
     assert u16.dtype == torch.uint16
     assert np.abs(u16.numpy().astype(np.float64) - np.clip(ref, 0, 65535)).max() <= tolerance
 
     signed = camera.astype(np.float32) * 200.0 - 25000.0
-    (i16,) = crop_resize(as_tensor(signed.astype(np.int16)), [box], size)
+    (i16,) = crop_resize(as_tensor(signed.astype(np.int16)), [box], size, backend=backend)
     ref = pil_resize(signed, box, size, "bicubic")
     assert i16.dtype == torch.int16
     assert np.abs(i16.numpy().astype(np.float64) - np.clip(ref, -32768, 32767)).max() <= tolerance
 
 
-def test_out_dtype_float_holds_the_same_pillow_levels(ihc: np.ndarray) -> None:
+def test_out_dtype_float_holds_the_same_pillow_levels(backend: str, ihc: np.ndarray) -> None:
     box, size = (5.5, 6.5, 200.0, 100.0), (64, 96)
-    (levels,) = crop_resize(as_tensor(ihc), [box], size)
-    (floats,) = crop_resize(as_tensor(ihc), [box], size, out_dtype=torch.float32)
+    (levels,) = crop_resize(as_tensor(ihc), [box], size, backend=backend)
+    (floats,) = crop_resize(as_tensor(ihc), [box], size, out_dtype=torch.float32, backend=backend)
     assert floats.dtype == torch.float32
     assert torch.equal(floats, levels.float())
-    (back,) = crop_resize(as_tensor(ihc.astype(np.float32) * 2), [box], size, out_dtype=torch.uint8)
+    assert level_diff(levels, pil_resize(ihc, box, size, "bicubic")) <= UINT8_LEVELS[backend]
+    (back,) = crop_resize(
+        as_tensor(ihc.astype(np.float32) * 2), [box], size, out_dtype=torch.uint8, backend=backend
+    )
     assert back.dtype == torch.uint8 and int(back.max()) == 255  # rounded and clamped
 
 
@@ -281,11 +235,11 @@ def test_reference_itself_agrees_with_pillow(mode: str, camera: np.ndarray) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_antialias_false_matches_unscaled_reference(mode: str, camera: np.ndarray) -> None:
+def test_antialias_false_matches_unscaled_reference(mode: str, backend: str, camera: np.ndarray) -> None:
     arr = camera.astype(np.float32)
     boxes = [(3.3, 7.9, 500.1, 480.6), (100.25, 60.5, 163.75, 140.125), (0.0, 0.0, 512.0, 512.0)]
     sizes = [(97, 131), (301, 233), (40, 500)]
-    outs = crop_resize(as_tensor(arr), boxes, sizes, mode=mode, antialias=False)
+    outs = crop_resize(as_tensor(arr), boxes, sizes, mode=mode, antialias=False, backend=backend)
     for box, size, ours in zip(boxes, sizes, outs):
         ref = reference_resize(arr, box, size, mode, antialias=False)
         np.testing.assert_allclose(ours[0].numpy(), ref, rtol=1e-4, atol=1e-3)
@@ -313,8 +267,8 @@ def test_axis_weights_batch_equals_single_calls_and_rows_sum_to_one() -> None:
     np.testing.assert_allclose(batch.weights.sum(-1)[batch.count > 0].numpy(), 1.0, atol=1e-12)
 
 
-def test_no_boxes_gives_no_crops(camera: np.ndarray) -> None:
-    assert crop_resize(as_tensor(camera), torch.zeros(0, 4), (8, 8)) == []
+def test_no_boxes_gives_no_crops(backend: str, camera: np.ndarray) -> None:
+    assert crop_resize(as_tensor(camera), torch.zeros(0, 4), (8, 8), backend=backend) == []
 
 
 @pytest.mark.parametrize(
