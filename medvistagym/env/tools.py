@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from ..kernels.sizing import smart_resize
-from .config import TOOL_NAMES, EnvConfig
+from .config import EnvConfig
 from .protocol import ToolCall
 from .views import Box, View
 

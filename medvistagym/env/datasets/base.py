@@ -27,13 +27,14 @@ def require_file(path: Path, expected: str) -> Path:
     return path
 
 
-def first_existing(root: Path, candidates: Iterable[str], expected: str) -> Path:
-    """The first of several released file names that exists under `root`."""
+def first_existing(root: Path, candidates: Iterable[str], expected: str, *, folder: bool = False) -> Path:
+    """The first of several released file (or `folder`) names that exists under `root`."""
     names = list(candidates)
     for name in names:
-        if (root / name).is_file():
+        if (root / name).is_dir() if folder else (root / name).is_file():
             return root / name
-    raise DatasetError(root / names[0], f"file not found (also tried {names[1:]}); expected {expected}")
+    kind = "folder" if folder else "file"
+    raise DatasetError(root / names[0], f"{kind} not found (also tried {names[1:]}); expected {expected}")
 
 
 def read_json(path: Path, expected: str) -> Any:
@@ -108,15 +109,6 @@ def resolve_split(root: Path, split: str, names: Mapping[str, str]) -> str:
         valid = sorted(set(names.values()))
         raise DatasetError(root, f"unknown split {split!r}; valid splits: {', '.join(valid)}")
     return names[key]
-
-
-def first_existing_dir(root: Path, candidates: Iterable[str], expected: str) -> Path:
-    """The first of several released folder names that exists under `root`."""
-    names = list(candidates)
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
-    raise DatasetError(root / names[0], f"folder not found (also tried {names[1:]}); expected {expected}")
 
 
 def find_parquet(root: Path, split: str, folders: Iterable[str] = ("data", "")) -> list[Path]:

@@ -16,7 +16,7 @@ from .base import (
     build_task,
     check_letter,
     clean_text,
-    first_existing_dir,
+    first_existing,
     image_file,
     read_csv,
     require_file,
@@ -37,7 +37,7 @@ def load(root: Path, split: str) -> list[Task]:
     split = resolve_split(root, split, SPLITS)
     path = require_file(root / f"{split}.csv", f"the PMC-VQA {split} CSV with columns {', '.join(_COLUMNS)}")
     frame = read_csv(path, _COLUMNS, "the PMC-VQA CSV columns")
-    image_dir = first_existing_dir(root, _IMAGE_DIRS, "the folder of PMC-VQA figures (images.zip unpacked)")
+    image_dir = first_existing(root, _IMAGE_DIRS, "the folder of PMC-VQA figures (images.zip unpacked)", folder=True)
     tasks = [_task(path, image_dir, split, index, row) for index, row in enumerate(frame.to_dict("records"))]
     return with_unique_ids(tasks)
 

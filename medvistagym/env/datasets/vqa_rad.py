@@ -20,7 +20,7 @@ from .base import (
     DatasetError,
     build_task,
     clean_text,
-    first_existing_dir,
+    first_existing,
     image_file,
     open_closed,
     parquet_shards,
@@ -52,7 +52,7 @@ def _from_json(root: Path, path: Path, split: str) -> list[Task]:
     records = read_json(path, _EXPECTED)
     if not isinstance(records, list):
         raise DatasetError(path, f"expected {_EXPECTED}, got a JSON {type(records).__name__}")
-    image_dir = first_existing_dir(root, _IMAGE_DIRS, "the folder of VQA-RAD images")
+    image_dir = first_existing(root, _IMAGE_DIRS, "the folder of VQA-RAD images", folder=True)
     tasks = []
     for index, record in enumerate(records):
         require_keys(path, record, _KEYS, f"record {index}")
