@@ -11,6 +11,7 @@ from typing import Sequence
 
 from .bench import decode as bench_decode
 from .bench import kernels as bench_kernels
+from .bench import policy as bench_policy
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode = benches.add_parser("decode", help="decoding JPEGs into the image store: DALI batch vs PIL")
     bench_decode.add_arguments(decode)
     decode.set_defaults(func=bench_decode.run)
+    policy = benches.add_parser("policy", help="transformers back end tokens/s: continuous batching vs HF generate")
+    bench_policy.add_arguments(policy)
+    policy.set_defaults(func=bench_policy.run)
     return parser
 
 

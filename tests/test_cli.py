@@ -38,3 +38,5 @@ def test_benchmarks_print_their_tables(capsys):
     assert "peers: PIL crop, JPEG round trip, HF processor" in printed and "crop_patchify [torch]" in printed
     assert main(["bench", "decode", "--images", "2", "--repeats", "1"]) == 0
     assert "PIL, one by one" in capsys.readouterr().out
+    assert main(["bench", "policy", "--concurrency", "2", "--new-tokens", "2", "--repeats", "1"]) == 0
+    assert "HF generate, serial" in capsys.readouterr().out

@@ -3,9 +3,10 @@ each behind one dispatching function (torch reference, compiled CPU, Triton on C
 
 from .api import BACKENDS, backend_available, crop_patchify, crop_resize
 from .patchify import PRESETS, Patches, VisionPreset
+from .patchify import patchify_torch as patchify  # images already at their final size
 from .plan import ResamplePlan, plan_resample
 
 __all__ = [
     "BACKENDS", "PRESETS", "Patches", "ResamplePlan", "VisionPreset", "backend_available", "crop_patchify",
-    "crop_resize", "plan_resample",
+    "crop_resize", "patchify", "plan_resample",
 ]

@@ -143,6 +143,11 @@ class Policy(abc.ABC):
     """An inference back end. Use as an async context manager, or call `close()`."""
 
     kind: str = ""
+    # What the engine needs to build prompts for this model: the image placeholder token, how
+    # many patches one token merges (per side), and the `kernels` vision preset for patches.
+    image_token_id: int | None = None
+    merge_size: int = 2
+    vision: str | None = None
 
     def __init__(self) -> None:
         self._version = 0

@@ -102,6 +102,7 @@ class TransformersPolicy(Policy):
         self.image_token_id: int | None = getattr(config, "image_token_id", None)
         self._mrope = self.image_token_id is not None
         self.merge_size = config.vision_config.spatial_merge_size if self._mrope else 1
+        self.vision = {"qwen2_5_vl": "qwen2.5-vl", "qwen2_vl": "qwen2-vl", "qwen3_vl": "qwen3-vl"}.get(config.model_type)
         self.max_positions = (config.text_config if self._mrope else config).max_position_embeddings
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
