@@ -198,3 +198,13 @@ def test_a_failing_step_fails_its_requests_and_the_policy_keeps_serving(model_di
         run(collect(policy, GenerateRequest("f", request.prompt_token_ids, SamplingParams(max_new_tokens=10))))
     chunks = run(collect(policy, GenerateRequest("g", request.prompt_token_ids, SamplingParams(max_new_tokens=5))))
     assert len(flat(chunks)[0]) == 5
+
+
+def test_bfloat16_runs_and_stays_near_the_fp32_distribution(model_dirs, photo):
+    policy = build_policy("transformers", model=model_dirs["qwen2.5-vl-tiny"], dtype="bfloat16")
+    assert policy.model.dtype == torch.bfloat16
+    request = requests_for(policy, photo)[0]
+    tokens, logprobs = flat(run(collect(policy, request)))
+    fp32 = build_policy("transformers", model=model_dirs["qwen2.5-vl-tiny"]).model
+    ref = teacher_forced_logprobs(fp32, request.prompt_token_ids, tokens, request.images)
+    assert len(tokens) == 12 and (ref - torch.tensor(logprobs)).abs().max() < 0.1  # bf16 rounding, not a bug
