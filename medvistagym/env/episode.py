@@ -89,6 +89,16 @@ class Episode:
             return self._finish(observation)
         return observation
 
+    def task_image(self, view: View) -> int:
+        """Index of the task image `view` was cut from, -1 if none."""
+        return self._task_image_of.get(view.image.key, -1)
+
+    def truncate(self) -> None:
+        """End the episode from outside (a token budget ran out): truncated, reward computed."""
+        if not self.done:
+            self.truncated = True
+            self._finish(Observation("", (), len(self.views)))
+
     def _error_turn(self, errors: tuple[str, ...]) -> Observation:
         self.record.errors.extend(errors)
         text = "Your last turn could not be used:\n" + "\n".join(f"- {e}" for e in errors)

@@ -404,9 +404,13 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
-        from .presets import qwen_tokenizer_dir
+        from .presets import CHAT_TEMPLATE, qwen_tokenizer_dir
 
-        return AutoTokenizer.from_pretrained(str(tokenizer or qwen_tokenizer_dir()))
+        if tokenizer is not None:
+            return AutoTokenizer.from_pretrained(str(tokenizer))
+        tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
+        tok.chat_template = CHAT_TEMPLATE  # the package's template is text-only
+        return tok
     return tokenizer
 
 
@@ -415,6 +419,8 @@ class SimPolicy(Policy):
     loop: the scheduler task starts with the first request."""
 
     kind = "sim"
+    image_token_id = 151655  # the Qwen tokenizer's <|image_pad|>
+    vision = "qwen2.5-vl"
 
     def __init__(self, config: SimConfig | Mapping[str, Any] | None = None, *, tokenizer: Any = None,
                  **overrides: Any) -> None:

@@ -1,0 +1,255 @@
+"""The RolloutEngine: GRPO groups of multi-turn episodes, thousands in flight on one event loop.
+
+    engine = RolloutEngine(policy, EnvConfig(), EngineConfig(group_size=8))
+    await engine.submit(tasks)                 # waits while max_pending_groups are queued
+    async for group in engine.groups():        # completed groups, as they complete
+        ...
+    groups = await engine.generate(tasks)      # or: everything, for batch use
+
+State ownership: the engine's coroutines (dispatcher, group runners, episode runners) run on
+one event loop and own all counters; the policy streams tokens, the ToolExecutor renders in a
+worker thread. Admission is the only place episodes start: while the limits on episodes and
+tokens in flight hold and the engine is not paused. Every submitted episode ends as a
+trajectory with a status inside a `Group`, and in the metrics, whatever happens to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterable, Sequence
+
+from ..env.config import EnvConfig
+from ..env.episode import Episode
+from ..env.images import ImageStore
+from ..env.task import Task
+from ..policy import Policy
+from .config import EngineConfig
+from .episode import Context, EpisodeRunner, first_turn
+from .metrics import Metrics
+from .tools import ToolExecutor
+from .trajectory import Trajectory
+
+_DONE = object()
+
+
+@dataclass
+class Group:
+    """The n episodes of one task. `kept` is what a trainer should learn from (empty when the
+    group was dropped, with the reason in `dropped`)."""
+
+    group_id: str
+    task: Task
+    trajectories: list[Trajectory]
+    kept: list[Trajectory] = field(default_factory=list)
+    dropped: str | None = None
+
+
+def episode_seed(seed: int, group_id: str, sample: int) -> int:
+    digest = hashlib.blake2b(f"{seed}|{group_id}|{sample}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        policy: Policy,
+        env_config: EnvConfig | None = None,
+        engine_config: EngineConfig | None = None,
+        *,
+        store: ImageStore | None = None,
+        on_group: Callable[[Group], None] | None = None,
+    ) -> None:
+        """`on_group` sees every finished group, dropped ones included (e.g. to write them all)."""
+        self.policy = policy
+        self.env = env_config or EnvConfig()
+        self.config = engine_config or EngineConfig()
+        vision = policy.vision or "qwen2.5-vl"
+        self.executor = ToolExecutor(vision, window_s=self.config.tool_batch_window_s,
+                                     max_views=self.config.tool_batch_max, mode=self.env.resample)
+        self.ctx = Context(policy, self.executor, self.env, self.config)
+        self.store = store or ImageStore()
+        self.metrics = Metrics()
+        self.on_group = on_group
+        self._ids = itertools.count()
+        self._pending: asyncio.Queue | None = None
+        self._done: asyncio.Queue | None = None
+        self._admit = asyncio.Event()
+        self._paused = False
+        self._dispatcher: asyncio.Task | None = None
+        self._groups: set[asyncio.Task] = set()
+        self._in_flight = 0  # episodes
+        self._outstanding = 0  # groups submitted and not yet handed out
+
+    # -- submitting and receiving ------------------------------------------------------------
+
+    async def submit(self, tasks: Iterable[Task], group_size: int | None = None) -> list[str]:
+        """Queue one group per task; waits while max_pending_groups groups wait for admission.
+        Returns the group ids."""
+        self._start()
+        n = group_size or self.config.group_size
+        ids = []
+        for task in tasks:
+            group_id = f"g{next(self._ids)}"
+            self._outstanding += 1
+            self.metrics.submitted(n)
+            await self._pending.put((group_id, task, n))
+            ids.append(group_id)
+        return ids
+
+    async def groups(self, include_dropped: bool = False) -> AsyncIterator[Group]:
+        """Completed groups until every submitted group is out (submit more while iterating)."""
+        while self._outstanding:
+            group = await self._take()
+            if include_dropped or group.dropped is None:
+                yield group
+
+    async def generate(self, tasks: Sequence[Task], group_size: int | None = None) -> list[Group]:
+        """Run `tasks` to completion; every group, dropped ones included, in submission order."""
+        self._start()
+        feeder = asyncio.ensure_future(self.submit(tasks, group_size))
+        try:
+            collected = {}
+            while len(collected) < len(tasks):
+                group = await self._take()
+                collected[group.group_id] = group
+            ids = await feeder
+        finally:
+            feeder.cancel()
+        return [collected[gid] for gid in ids]
+
+    async def _take(self) -> Group:
+        group = await self._done.get()
+        self._outstanding -= 1
+        self._admit.set()  # a consumed group frees room in the output queue
+        return group
+
+    # -- control -----------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop admitting episodes (those in flight go on), e.g. while weights are swapped."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._admit.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def tokens_in_flight(self) -> int:
+        return self.ctx.tokens_in_flight[0]
+
+    @property
+    def pending_groups(self) -> int:
+        return self._pending.qsize() if self._pending is not None else 0
+
+    @property
+    def done_groups(self) -> int:
+        """Completed groups not yet taken by `groups()`."""
+        return self._done.qsize() if self._done is not None else 0
+
+    async def close(self) -> None:
+        """Cancel everything; groups in flight end with cancelled episodes (still delivered)."""
+        for task in [self._dispatcher, *self._groups]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._dispatcher, *self._groups] if t is not None), return_exceptions=True)
+        self._dispatcher = None
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._pending = self._pending or asyncio.Queue(maxsize=self.config.max_pending_groups)
+            self._done = self._done or asyncio.Queue()
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="engine-dispatch")
+
+    def _room_for(self, n: int) -> bool:
+        cfg = self.config
+        if self._paused:
+            return False
+        if self._in_flight and (self._in_flight + n > cfg.max_episodes_in_flight
+                                or self.tokens_in_flight >= cfg.max_tokens_in_flight):
+            return False
+        return self._done.qsize() < cfg.max_pending_groups  # unconsumed output is memory too
+
+    async def _dispatch(self) -> None:
+        while True:
+            group_id, task, n = await self._pending.get()
+            while not self._room_for(n):
+                self._admit.clear()
+                await self._admit.wait()
+            self._in_flight += n
+            self.metrics.started(n)
+            runner = asyncio.get_running_loop().create_task(self._run_group(group_id, task, n))
+            self._groups.add(runner)
+            runner.add_done_callback(self._groups.discard)
+
+    # -- groups ------------------------------------------------------------------------------
+
+    async def _run_group(self, group_id: str, task: Task, n: int) -> None:
+        trajectories = [
+            Trajectory(f"{group_id}-{i}", group_id, i, task.id, task.dataset, task.question, str(task.answer))
+            for i in range(n)
+        ]
+        try:
+            episodes = [Episode(task, self.env, self.store) for _ in range(n)]
+            first_obs = episodes[0].start()
+            for ep in episodes[1:]:
+                ep.start()  # the images are cached by now
+            first = await first_turn(self.ctx, episodes[0], first_obs.views)
+        except asyncio.CancelledError:
+            self._fail(trajectories, "error: cancelled")
+            self._complete(group_id, task, trajectories)
+            raise
+        except Exception as err:  # e.g. a corrupt or missing image: the whole group fails
+            self._fail(trajectories, f"error: task: {type(err).__name__}: {err}")
+            self._complete(group_id, task, trajectories)
+            return
+        runners = [
+            EpisodeRunner(self.ctx, ep, traj, episode_seed(self.config.seed, group_id, i))
+            for i, (ep, traj) in enumerate(zip(episodes, trajectories))
+        ]
+        try:
+            await asyncio.gather(*(self._episode(r, first) for r in runners))
+        finally:
+            self._complete(group_id, task, trajectories)
+
+    async def _episode(self, runner: EpisodeRunner, first) -> None:
+        try:
+            await runner.run(first)
+        finally:
+            self._in_flight -= 1
+            self.metrics.finished(runner.traj)
+            self._admit.set()
+
+    def _fail(self, trajectories: list[Trajectory], status: str) -> None:
+        for traj in trajectories:
+            traj.status = status
+            self._in_flight -= 1
+            self.metrics.finished(traj)
+        self._admit.set()
+
+    def _complete(self, group_id: str, task: Task, trajectories: list[Trajectory]) -> None:
+        group = Group(group_id, task, trajectories)
+        ok = [t for t in trajectories if t.ok]
+        cfg = self.config
+        if len(ok) < len(trajectories) and (cfg.failed_members == "drop_group" or len(ok) < cfg.min_group_members):
+            group.dropped = "failed members"
+        elif cfg.max_staleness is not None and self._too_stale(ok):
+            group.dropped = "stale"
+        else:
+            group.kept = ok
+        self.metrics.group(group.dropped)
+        if self.on_group is not None:
+            self.on_group(group)
+        self._done.put_nowait(group)
+
+    def _too_stale(self, trajectories: list[Trajectory]) -> bool:
+        oldest = min((v for t in trajectories if (v := t.oldest_version()) is not None), default=None)
+        return oldest is not None and self.policy.version - oldest > self.config.max_staleness

@@ -1,0 +1,129 @@
+"""The ToolExecutor: images requested by many episodes, rendered in one batch.
+
+Tools themselves only compute geometry (`env.View`s); pixels come from here. Requests that
+arrive within `window_s` of each other (or until `max_views` pile up) share one
+`render_views` call, i.e. one batched `crop_resize` per source dtype, and one patchify.
+Identical views (the n members of a GRPO group see the same question images; models repeat
+zooms) are rendered once. Renders run one at a time in a worker thread, so the event loop
+keeps streaming tokens meanwhile and the next batch gathers while one renders.
+
+A batch that raises is retried request by request, so one bad request (e.g. a corrupt
+source) fails alone: its episode gets an error observation, the others their images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..env.views import View, render_views
+from ..kernels import patchify
+
+
+@dataclass
+class Rendered:
+    """Images of one request as shown (uint8 (3, h, w)) and as model input (patches)."""
+
+    pixels: list[torch.Tensor]
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+
+def _view_key(view: View) -> tuple:
+    return (view.image.key, view.region, view.grid, view.orientation, view.window, view.contrast)
+
+
+def _rgb(pixels: torch.Tensor) -> torch.Tensor:
+    """Grayscale renders as three channels, as the HF processors convert them."""
+    return pixels.expand(3, -1, -1).contiguous() if pixels.shape[0] == 1 else pixels
+
+
+class ToolExecutor:
+    def __init__(self, vision: str, *, window_s: float = 0.002, max_views: int = 512, mode: str = "bicubic") -> None:
+        self.vision, self.window_s, self.max_views, self.mode = vision, window_s, max_views, mode
+        self._pending: list[tuple[Sequence[View], asyncio.Future]] = []
+        self._pending_views = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._lock: asyncio.Lock | None = None
+        # Metrics.
+        self.batches = 0
+        self.requests = 0
+        self.views = 0
+        self.unique_views = 0
+        self.render_s = 0.0
+        self.failures = 0
+
+    async def render(self, views: Sequence[View]) -> Rendered:
+        """The pixels and patches of `views`; raises what rendering them raised."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((views, future))
+        self._pending_views += len(views)
+        if self._pending_views >= self.max_views:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window_s, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending, self._pending_views = self._pending, [], 0
+        if batch:
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            start = time.perf_counter()
+            try:
+                results: list[Rendered | BaseException] = list(await asyncio.to_thread(self._render_batch, batch))
+            except Exception:  # isolate the culprit: each request on its own
+                results = []
+                for item in batch:
+                    try:
+                        results += await asyncio.to_thread(self._render_batch, [item])
+                    except Exception as err:
+                        self.failures += 1
+                        results.append(err)
+            self.render_s += time.perf_counter() - start
+            self.batches += 1
+        for (_, future), result in zip(batch, results):
+            if future.done():  # its episode was cancelled meanwhile
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _render_batch(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> list[Rendered]:
+        unique: dict[tuple, int] = {}
+        order: list[View] = []
+        slots: list[list[int]] = []
+        for views, _ in batch:
+            row = []
+            for view in views:
+                key = _view_key(view)
+                if key not in unique:
+                    unique[key] = len(order)
+                    order.append(view)
+                row.append(unique[key])
+            slots.append(row)
+        pixels = [_rgb(p) for p in render_views(order, self.mode)] if order else []
+        patches = patchify(pixels, self.vision) if pixels else None
+        self.requests += len(batch)
+        self.views += sum(len(v) for v, _ in batch)
+        self.unique_views += len(order)
+        return [self._pick(row, pixels, patches) for row in slots]
+
+    def _pick(self, row: list[int], pixels: list[torch.Tensor], patches) -> Rendered:
+        if not row:
+            return Rendered([], torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long))
+        parts = [patches.image(i) for i in row]
+        return Rendered([pixels[i] for i in row], torch.cat(parts), patches.grid_thw[row])
