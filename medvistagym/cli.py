@@ -57,6 +57,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import EngineConfig, RolloutEngine, run
+    from .engine.rollout import rollout_to_parquet
+    from .env.config import EnvConfig
+    from .env.datasets import load_tasks
+    from .policy import build_policy
+
+    env_overrides = [o[4:] for o in args.overrides if o.startswith("env.")]
+    engine_overrides = [o for o in args.overrides if not o.startswith("env.")]
+    env_config = load_config(EnvConfig, None, env_overrides)
+    engine_config = load_config(EngineConfig, args.config, engine_overrides)
+    tasks = load_tasks(args.dataset, args.split, args.data_root)
+    if args.limit:
+        tasks = tasks[: args.limit]
+    kwargs = {"model": args.model} if args.policy == "transformers" else {}
+
+    async def main() -> dict:
+        policy = build_policy(args.policy, **kwargs)
+        try:
+            engine = RolloutEngine(policy, env_config, engine_config)
+            return await rollout_to_parquet(engine, tasks, args.output, tensorboard=args.tensorboard)
+        finally:
+            await policy.close()
+
+    snap = run(main())
+    statuses = ", ".join(f"{k[7:]}={v}" for k, v in snap.items() if k.startswith("status/"))
+    print(f"{snap['episodes/finished']} episodes ({statuses}) in {snap['elapsed_s']:.1f} s, "
+          f"{snap['tokens/per_s']:.0f} tokens/s -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvistagym", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="write per-episode results as JSON lines")
     ev.add_argument("overrides", nargs="*", help="EnvConfig overrides, key=value")
     ev.set_defaults(func=_cmd_eval)
+
+    ro = commands.add_parser("rollout", help="run the rollout engine over a data set, trajectories to Parquet")
+    ro.add_argument("--dataset", default="medvista-mini")
+    ro.add_argument("--split", default="train")
+    ro.add_argument("--data-root")
+    ro.add_argument("--policy", default="sim", choices=["sim", "transformers"])
+    ro.add_argument("--model", default="qwen2.5-vl-tiny", help="transformers: a model preset or directory")
+    ro.add_argument("--limit", type=int, default=0)
+    ro.add_argument("--output", default="runs/rollout.parquet")
+    ro.add_argument("--tensorboard", help="write metrics to this TensorBoard log directory")
+    ro.add_argument("--config", help="EngineConfig YAML")
+    ro.add_argument("overrides", nargs="*", help="EngineConfig key=value; env.key=value for EnvConfig")
+    ro.set_defaults(func=_cmd_rollout)
 
     bench = commands.add_parser("bench", help="benchmark tables")
     benches = bench.add_subparsers(dest="bench", required=True)

@@ -40,3 +40,15 @@ def test_benchmarks_print_their_tables(capsys):
     assert "PIL, one by one" in capsys.readouterr().out
     assert main(["bench", "policy", "--concurrency", "2", "--new-tokens", "2", "--repeats", "1"]) == 0
     assert "HF generate, serial" in capsys.readouterr().out
+
+
+def test_rollout_writes_parquet_and_tensorboard(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "r.parquet"
+    args = ["rollout", "--limit", "2", "--output", str(out), "--tensorboard", str(tmp_path / "tb"), "group_size=2"]
+    assert main(args) == 0
+    assert "4 episodes (ok=4)" in capsys.readouterr().out
+    frame = pd.read_parquet(out)
+    assert len(frame) == 4 and set(frame.status) == {"ok"} and (frame.model_tokens > 0).all()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
