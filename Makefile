@@ -21,8 +21,15 @@ demo: $(STAMP)
 	$(BIN)/medvistagym eval --dataset medvista-mini --split test --policy oracle
 	$(BIN)/medvistagym eval --dataset medvista-mini --split test --policy random
 
+# The main suite, then the vLLM back ends against real vLLM (CPU build) in their own venv.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 tests --ignore=tests/policy/with_vllm
+	bash .ci/vllm-tests
+
+# The vLLM tests alone (.venv-vllm is created on first use).
+.PHONY: test-vllm
+test-vllm:
+	bash .ci/vllm-tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-vllm .pytest_cache .hypothesis
