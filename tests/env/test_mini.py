@@ -10,7 +10,7 @@ import pydicom
 import pytest
 import torch
 
-from medvistagym.env import EnvConfig, Episode, ImageStore, load_tasks
+from medvistagym.env import EnvConfig, Episode, load_tasks
 from medvistagym.env.datasets import DatasetError
 from medvistagym.env.datasets.mini import build, ensure_built, findings
 from medvistagym.env.datasets.mini.sources import MODALITY_NAMES

@@ -14,18 +14,14 @@ import asyncio
 
 import pytest
 
-from medvistagym.policy import Chunk, GenerateRequest, PolicyError, SamplingParams, build_policy
+from vllm_cases import check_weight_update, output, request
+
+from medvistagym.policy import Chunk, PolicyError, build_policy
 
 PROMPT_TEXT = "Describe the chest X-ray: lungs, heart, bones."
 TOLERANCE = 1e-3
 
 
-def output(chunks: list[Chunk]) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
-
-
-def request(request_id: str, prompt: list[int], **sampling) -> GenerateRequest:
-    return GenerateRequest(request_id, prompt, SamplingParams(**sampling))
 
 
 @pytest.fixture(scope="module")
@@ -171,25 +167,7 @@ def test_sleep_aborts_requests_in_flight_and_wake_up_resumes(policy, prompt, com
 
 def test_update_weights_moves_requests_in_flight_and_new_ones(policy, prompt, run, complete, reference, text_model_dirs,
                                                              update_in_flight):
-    old, new = text_model_dirs
-    greedy = dict(temperature=0, max_new_tokens=16, ignore_eos=True)
-    before = output(complete(policy, request("before", prompt, **greedy)))
-
-    long = request("in-flight", prompt, temperature=0, max_new_tokens=960, ignore_eos=True)
-    chunks = run(update_in_flight(policy, long, new / "model.safetensors"))
-    versions = [c.version for c in chunks]
-    n_old = versions.count(0)
-    assert versions == [0] * n_old + [1] * (len(versions) - n_old) and chunks[-1].finish_reason == "abort"
-    out = output(chunks)
-    # Before the update the old weights decide; after it the new ones, on the whole prefix:
-    # the request's KV cache was recomputed by the new weights.
-    assert out[:n_old] == reference.argmax(old, prompt, out[:n_old])
-    assert out[n_old:] == reference.argmax(new, prompt, out)[n_old:]
-
-    after = complete(policy, request("after", prompt, **greedy))
-    assert {c.version for c in after} == {1} and policy.version == 1
-    assert output(after) == reference.argmax(new, prompt, output(after))
-    assert output(after) != before
+    check_weight_update(policy, prompt, run, complete, reference, text_model_dirs, update_in_flight, max_new=960)
 
 
 def test_partial_update_and_update_from_pairs(policy, prompt, run, complete, reference, text_model_dirs):

@@ -29,7 +29,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medvistagym.policy import Chunk, GenerateRequest, ImageInputs, PolicyError, SamplingParams, build_policy
+from vllm_cases import check_weight_update, output, request
+
+from medvistagym.policy import Chunk, GenerateRequest, ImageInputs, PolicyError, build_policy
 from medvistagym.policy.presets import IMAGE_PAD, VISION_END, VISION_START
 from medvistagym.policy.vllm_backend import WORKER_EXTENSION
 
@@ -40,12 +42,6 @@ STARTUP_TIMEOUT_S = 240
 MAX_NEW = 960  # with the prompt, within the tests' max_model_len
 
 
-def output(chunks: list[Chunk]) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
-
-
-def request(request_id: str, prompt: list[int], images: ImageInputs | None = None, **sampling) -> GenerateRequest:
-    return GenerateRequest(request_id, prompt, SamplingParams(**sampling), images)
 
 
 def free_port() -> int:
@@ -178,22 +174,9 @@ def test_images_need_the_generate_api(policy, prompt, complete):
 
 
 def test_update_weights_over_http(policy, prompt, run, complete, reference, text_model_dirs, update_in_flight):
-    old, new = text_model_dirs
+    before = check_weight_update(policy, prompt, run, complete, reference, text_model_dirs, update_in_flight, MAX_NEW)
     greedy = dict(temperature=0, max_new_tokens=16, ignore_eos=True)
-    before = output(complete(policy, request("before", prompt, **greedy)))
-
-    long = request("in-flight", prompt, temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)
-    chunks = run(update_in_flight(policy, long, new / "model.safetensors"))
-    versions = [c.version for c in chunks]
-    n_old = versions.count(0)
-    assert versions == [0] * n_old + [1] * (len(versions) - n_old) and chunks[-1].finish_reason == "abort"
-    out = output(chunks)
-    assert out[:n_old] == reference.argmax(old, prompt, out[:n_old])
-    assert out[n_old:] == reference.argmax(new, prompt, out)[n_old:]  # KV recomputed on the new weights
-
-    after = complete(policy, request("after", prompt, **greedy))
-    assert {c.version for c in after} == {1}
-    assert output(after) == reference.argmax(new, prompt, output(after)) != before
+    old, _ = text_model_dirs
     # Back, from a state dict staged through /dev/shm.
     assert run(policy.update_weights(reference.state_dict(old))) == 2
     assert output(complete(policy, request("back", prompt, **greedy))) == before

@@ -1,0 +1,36 @@
+"""Helpers shared by the tests of both vLLM back ends."""
+
+from __future__ import annotations
+
+from medvistagym.policy import Chunk, GenerateRequest, ImageInputs, SamplingParams
+
+
+def output(chunks: list[Chunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def request(request_id: str, prompt: list[int], images: ImageInputs | None = None, **sampling) -> GenerateRequest:
+    return GenerateRequest(request_id, prompt, SamplingParams(**sampling), images)
+
+
+def check_weight_update(policy, prompt, run, complete, reference, text_model_dirs, update_in_flight,
+                        max_new: int) -> list[int]:
+    """Install the second checkpoint while a greedy request is in flight: its tokens before the
+    update follow the old weights, those after follow the new ones on the whole prefix (the KV
+    cache was recomputed), versions go 0 then 1, and new requests follow the new weights.
+    Returns the greedy output of the old weights."""
+    old, new = text_model_dirs
+    greedy = dict(temperature=0, max_new_tokens=16, ignore_eos=True)
+    before = output(complete(policy, request("before", prompt, **greedy)))
+    long = request("in-flight", prompt, temperature=0, max_new_tokens=max_new, ignore_eos=True)
+    chunks = run(update_in_flight(policy, long, new / "model.safetensors"))
+    versions = [c.version for c in chunks]
+    n_old = versions.count(0)
+    assert versions == [0] * n_old + [1] * (len(versions) - n_old) and chunks[-1].finish_reason == "abort"
+    out = output(chunks)
+    assert out[:n_old] == reference.argmax(old, prompt, out[:n_old])
+    assert out[n_old:] == reference.argmax(new, prompt, out)[n_old:]
+    after = complete(policy, request("after", prompt, **greedy))
+    assert {c.version for c in after} == {1} and policy.version == 1
+    assert output(after) == reference.argmax(new, prompt, output(after)) != before
+    return before
