@@ -14,7 +14,7 @@ import asyncio
 
 import pytest
 
-from vllm_cases import check_weight_update, output, request
+from vllm_cases import check_stop_string, check_weight_update, output, request
 
 from medvistagym.policy import Chunk, PolicyError, build_policy
 
@@ -70,13 +70,9 @@ def test_stop_token_id_ends_the_stream(policy, prompt, complete):
 
 
 def test_stop_string_is_kept_in_the_output(policy, prompt, complete, reference):
-    greedy = output(complete(policy, request("g2", prompt, temperature=0, max_new_tokens=24, ignore_eos=True)))
+    greedy = check_stop_string(policy, prompt, complete, reference)
     stop, k = reference.stop_string(policy.tokenizer, greedy)
-    chunks = complete(policy, request("stop-str", prompt, temperature=0, max_new_tokens=24, ignore_eos=True,
-                                      stop=(stop,)))
-    assert output(chunks) == greedy[: k + 1]
-    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", stop)
-    assert policy.tokenizer.decode(output(chunks)).endswith(stop)
+    assert policy.tokenizer.decode(greedy[: k + 1]).endswith(stop)
 
 
 def test_same_seed_same_tokens_alone_or_among_32_concurrent(policy, prompt, run):

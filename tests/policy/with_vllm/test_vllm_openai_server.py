@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_cases import check_weight_update, output, request
+from vllm_cases import check_stop_string, check_weight_update, output, request
 
 from medvistagym.policy import Chunk, GenerateRequest, ImageInputs, PolicyError, build_policy
 from medvistagym.policy.presets import IMAGE_PAD, VISION_END, VISION_START
@@ -132,12 +132,7 @@ def test_streams_token_ids_with_logprobs_matching_transformers(make_policy, prom
 
 
 def test_stop_strings_and_stop_tokens(policy, prompt, complete, reference):
-    greedy = output(complete(policy, request("g", prompt, temperature=0, max_new_tokens=24, ignore_eos=True)))
-    stop, k = reference.stop_string(policy.tokenizer, greedy)
-    chunks = complete(policy, request("stop-str", prompt, temperature=0, max_new_tokens=24, ignore_eos=True,
-                                      stop=(stop,)))
-    assert output(chunks) == greedy[: k + 1]
-    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", stop)
+    greedy = check_stop_string(policy, prompt, complete, reference)
     chunks = complete(policy, request("stop-id", prompt, temperature=0, max_new_tokens=24, ignore_eos=True,
                                       stop_token_ids=(greedy[3],)))
     assert output(chunks) == greedy[: greedy.index(greedy[3]) + 1]

@@ -34,3 +34,15 @@ def check_weight_update(policy, prompt, run, complete, reference, text_model_dir
     assert {c.version for c in after} == {1} and policy.version == 1
     assert output(after) == reference.argmax(new, prompt, output(after)) != before
     return before
+
+
+def check_stop_string(policy, prompt, complete, reference) -> list[int]:
+    """A stop string taken from the greedy output ends the stream at the token completing it,
+    kept in the output. Returns the greedy output."""
+    greedy = output(complete(policy, request("greedy", prompt, temperature=0, max_new_tokens=24, ignore_eos=True)))
+    stop, k = reference.stop_string(policy.tokenizer, greedy)
+    chunks = complete(policy, request("stop-str", prompt, temperature=0, max_new_tokens=24, ignore_eos=True,
+                                      stop=(stop,)))
+    assert output(chunks) == greedy[: k + 1]
+    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", stop)
+    return greedy
