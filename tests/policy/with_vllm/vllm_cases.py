@@ -26,7 +26,10 @@ def check_weight_update(policy, prompt, run, complete, reference, text_model_dir
     chunks = run(update_in_flight(policy, long, new / "model.safetensors"))
     versions = [c.version for c in chunks]
     n_old = versions.count(0)
-    assert versions == [0] * n_old + [1] * (len(versions) - n_old) and chunks[-1].finish_reason == "abort"
+    # The stream ends at the abort, or at the length limit when the server outran this client
+    # (on a busy machine it can buffer the rest of the request before the abort is read).
+    assert 0 < n_old < len(versions) and versions == [0] * n_old + [1] * (len(versions) - n_old)
+    assert chunks[-1].finish_reason in ("abort", "length")
     out = output(chunks)
     assert out[:n_old] == reference.argmax(old, prompt, out[:n_old])
     assert out[n_old:] == reference.argmax(new, prompt, out)[n_old:]
