@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import (
-    Chunk, GenerateRequest, ImageInputs, Policy, PolicyError, SamplingParams, Weights, expand_image_tokens,
+    Chunk, Completion, GenerateRequest, ImageInputs, Policy, PolicyError, SamplingParams, Weights, expand_image_tokens,
 )
 
 KINDS = ("transformers", "vllm", "openai", "sim")
@@ -34,6 +34,6 @@ def build_policy(kind: str, **config: Any) -> Policy:
 
 
 __all__ = [
-    "KINDS", "Chunk", "GenerateRequest", "ImageInputs", "Policy", "PolicyError", "SamplingParams", "Weights",
+    "KINDS", "Chunk", "Completion", "GenerateRequest", "ImageInputs", "Policy", "PolicyError", "SamplingParams", "Weights",
     "build_policy", "expand_image_tokens",
 ]

@@ -64,20 +64,23 @@ class SamplingParams:
 @dataclass
 class ImageInputs:
     """A request's images, ready for the model: Qwen-VL patches as `kernels.crop_patchify`
-    makes them. `display` optionally holds the same images as (3, h, w) uint8 at exactly the
-    patched size, for back ends that run their own processor (vLLM, HTTP servers)."""
+    makes them, and/or `display`: the same images as (3, h, w) uint8 at exactly the patched
+    size, for back ends that run their own processor (vLLM, HTTP servers). `pixel_values` may
+    be None for those (see `Policy.needs_patches`); `grid_thw` is always there."""
 
-    pixel_values: torch.Tensor  # (rows, C*T*P*P) float32
+    pixel_values: torch.Tensor | None  # (rows, C*T*P*P) float32
     grid_thw: torch.Tensor  # (n, 3) int64
     display: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.pixel_values.ndim != 2:
-            raise ValueError(f"pixel_values must be 2-D (rows, features), got {tuple(self.pixel_values.shape)}")
         if self.grid_thw.ndim != 2 or self.grid_thw.shape[1] != 3:
             raise ValueError(f"grid_thw must be (n, 3), got {tuple(self.grid_thw.shape)}")
-        rows = int(self.grid_thw.prod(dim=1).sum())
-        if rows != self.pixel_values.shape[0]:
+        if self.pixel_values is None:
+            if self.display is None:
+                raise ValueError("ImageInputs needs pixel_values or display images")
+        elif self.pixel_values.ndim != 2:
+            raise ValueError(f"pixel_values must be 2-D (rows, features), got {tuple(self.pixel_values.shape)}")
+        elif (rows := int(self.grid_thw.prod(dim=1).sum())) != self.pixel_values.shape[0]:
             raise ValueError(f"grid_thw covers {rows} patch rows but pixel_values has {self.pixel_values.shape[0]}")
         if self.display is not None and len(self.display) != len(self.grid_thw):
             raise ValueError(f"{len(self.display)} display images for {len(self.grid_thw)} grids")
@@ -92,7 +95,7 @@ class ImageInputs:
 
     def num_tokens(self, merge_size: int = 2) -> list[int]:
         """Placeholder tokens each image takes in the prompt."""
-        return [int(n) // (merge_size * merge_size) for n in self.grid_thw.prod(dim=1)]
+        return [t * h * w // (merge_size * merge_size) for t, h, w in self.grid_thw.tolist()]
 
 
 @dataclass
@@ -120,22 +123,35 @@ class Chunk:
     stop_reason: str | int | None = None
 
 
+@dataclass
+class Completion:
+    """A request's whole output: each token with its log-prob and the weights version that
+    sampled it, and why it ended (as the last Chunk says)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str
+    stop_reason: str | int | None = None
+
+
 def expand_image_tokens(token_ids: list[int], images: ImageInputs, image_token_id: int, merge_size: int = 2) -> list[int]:
     """Repeat each image's single placeholder token to its number of patch tokens, as the
     Qwen-VL processors do; the k-th placeholder belongs to image k."""
     counts = images.num_tokens(merge_size)
     out: list[int] = []
-    k = 0
-    for t in token_ids:
-        if t == image_token_id:
-            if k >= len(counts):
-                raise ValueError(f"more image placeholders than the {len(counts)} images given")
-            out.extend([t] * counts[k])
-            k += 1
-        else:
-            out.append(t)
-    if k != len(counts):
-        raise ValueError(f"{k} image placeholders for {len(counts)} images")
+    start = 0
+    for k, count in enumerate(counts):  # list.index scans in C: prompts run to thousands of tokens
+        try:
+            at = token_ids.index(image_token_id, start)
+        except ValueError:
+            raise ValueError(f"{k} image placeholders for {len(counts)} images") from None
+        out += token_ids[start:at]
+        out += [image_token_id] * count
+        start = at + 1
+    if image_token_id in token_ids[start:]:
+        raise ValueError(f"more image placeholders than the {len(counts)} images given")
+    out += token_ids[start:]
     return out
 
 
@@ -148,6 +164,9 @@ class Policy(abc.ABC):
     image_token_id: int | None = None
     merge_size: int = 2
     vision: str | None = None
+    # Whether requests must carry `ImageInputs.pixel_values`; back ends that process the
+    # display images themselves say False, and the engine then never patchifies.
+    needs_patches: bool = True
 
     def __init__(self) -> None:
         self._version = 0
@@ -165,6 +184,21 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """Stream the request's chunks. Raises `PolicyError` if the back end fails it."""
+
+    async def complete(self, request: GenerateRequest) -> Completion:
+        """The request's output at once, for callers that need no partial output (the rollout
+        engine's turns). Back ends that can skip delivering each chunk override this, as vLLM's
+        RequestOutputKind.FINAL_ONLY does; this default gathers the stream."""
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        async for chunk in self.generate(request):
+            tokens += chunk.token_ids
+            logprobs += chunk.logprobs
+            versions += [chunk.version] * len(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                return Completion(tokens, logprobs, versions, chunk.finish_reason, chunk.stop_reason)
+        raise PolicyError(f"stream of {request.request_id} ended without a finish reason")
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:

@@ -112,6 +112,7 @@ def _is_timeout(exc: httpx.TransportError) -> bool:
 
 class OpenAIPolicy(Policy):
     kind = "openai"
+    needs_patches = False  # the server processes the display images itself
 
     def __init__(
         self,

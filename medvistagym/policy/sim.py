@@ -10,7 +10,8 @@ tokens (the stream interval) and lasts
 
     (tick_tokens * (decode_base_s + decode_per_seq_s * B) + prefill_s_per_token * P) * time_scale
 
-with B running requests and P prompt tokens admitted in the tick. Ticks follow a clock of their
+with B running requests and P prompt tokens admitted in the tick that its prefix cache does not
+hold (vLLM's automatic prefix caching: LRU blocks of prompts and outputs seen). Ticks follow a clock of their
 own, as a GPU would: the simulator's CPU time does not stretch the modelled time, and a loop that
 fell behind gets the ticks it missed back to back; the clock restarts when the server idles or
 pauses for a weight update (`weight_sync_s`, between ticks).
@@ -47,14 +48,15 @@ import logging
 import math
 import random
 import struct
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
 from ..config import from_dict
 from ..env.protocol import ANSWER_CLOSE, ANSWER_OPEN, CALL_CLOSE, CALL_OPEN, RESPONSE_OPEN, THINK_CLOSE, THINK_OPEN
-from .base import Chunk, GenerateRequest, Policy, PolicyError, SamplingParams, Weights
+from .base import Chunk, Completion, GenerateRequest, Policy, PolicyError, SamplingParams, Weights
 from .stopping import eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -78,13 +80,15 @@ class LatencyModel:
     tick_tokens: int = 8  # tokens per running request per tick: the stream interval
     decode_base_s: float = 0.012  # one decode step of the batch, fixed part
     decode_per_seq_s: float = 7e-5  # one decode step, added per running request
-    prefill_s_per_token: float = 3e-5  # per prompt token of the requests admitted in a tick
+    prefill_s_per_token: float = 3e-5  # per uncached prompt token of the requests admitted in a tick
+    prefix_cache_tokens: int = 1_000_000  # automatic prefix caching (LRU, 256-token blocks); 0 disables
     max_batch: int = 256  # requests holding a slot at once; the rest wait in FIFO order
     weight_sync_s: float = 0.5  # one update_weights; decoding pauses meanwhile
     time_scale: float = 1.0  # multiplies every delay; 0 runs ticks back to back
 
     def __post_init__(self) -> None:
         _require(self.tick_tokens >= 1 and self.max_batch >= 1, "tick_tokens and max_batch must be >= 1")
+        _require(self.prefix_cache_tokens >= 0, "prefix_cache_tokens must be >= 0")
         times = (self.decode_base_s, self.decode_per_seq_s, self.prefill_s_per_token, self.weight_sync_s)
         _require(min(times) >= 0 and self.time_scale >= 0, "latencies and time_scale must be >= 0")
 
@@ -186,7 +190,7 @@ class _Req:
     consumer has taken. Ticks move `pos`; the consumer cuts chunks from `sent` to `pos`."""
 
     __slots__ = ("id", "tokens", "logprobs", "finish_reason", "stop_reason", "fault", "limit", "period", "prefill",
-                 "state", "pos", "sent", "version", "splits", "final", "waiter")
+                 "state", "pos", "sent", "version", "splits", "final", "waiter", "final_only")
 
     def __init__(self, request_id: str, tokens: tuple[int, ...], logprobs: tuple[float, ...],
                  finish: tuple[str, str | int | None], fault: str | None, limit: int, period: int,
@@ -207,6 +211,7 @@ class _Req:
         self.splits: list[tuple[int, int]] | None = None  # (end, version) of earlier unsent runs
         self.final: Any = None  # then _FINISHED, the abort Chunk or a PolicyError
         self.waiter: asyncio.Future | None = None  # the consumer waiting for more
+        self.final_only = False  # the consumer waits for the end only (complete())
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -221,6 +226,20 @@ class _Req:
             self.splits = self.splits or []
             self.splits.append((self.pos, self.version))
         self.version = version
+
+    def output(self) -> Completion:
+        """Everything produced, for a consumer that took nothing: version runs from the splits."""
+        versions: list[int] = []
+        start = 0
+        for end, version in self.splits or ():
+            versions += [version] * (end - start)
+            start = end
+        versions += [self.version] * (self.pos - start)
+        if self.final is _FINISHED:
+            reason, stop = self.finish_reason, self.stop_reason
+        else:
+            reason, stop = "abort", None
+        return Completion(list(self.tokens[: self.pos]), list(self.logprobs[: self.pos]), versions, reason, stop)
 
     def take(self) -> Chunk:
         """The next chunk of produced tokens, carrying the finish reason if it is the last."""
@@ -251,6 +270,7 @@ class _Scripter:
         rng = random.Random(f"{config.seed}|logprobs")
         self._lp = tuple(-rng.expovariate(1 / config.logprob_mean) for _ in range(LOGPROB_POOL))
         self._lp2 = self._lp + self._lp  # any window of LOGPROB_POOL is one slice
+        self._cache = _PrefixCache(config.latency.prefix_cache_tokens)
 
     def _build_filler_pool(self) -> None:
         text = " ".join(FILLER_SENTENCES) + " "
@@ -271,7 +291,8 @@ class _Scripter:
         tokens, finish = self._cut(pieces, sampling)
         logprobs = self._logprobs(rng.randrange(LOGPROB_POOL), len(tokens))
         fault, limit, period = self._faults(f"{config.seed}|{request.request_id}|turn={turn}|{attempt}", len(tokens))
-        prefill = len(request.prompt_token_ids)  # image runs come expanded, as the transformers back end wants
+        # Image runs come expanded, as the transformers back end wants: they count as tokens.
+        prefill = self._cache.admit(request.prompt_token_ids, tokens)
         return _Req(request.request_id, tokens, logprobs, finish, fault, limit, period, prefill)
 
     def _image_size(self, request: GenerateRequest) -> tuple[int, int]:
@@ -390,6 +411,37 @@ class _Scripter:
         return fault, int(u_at * n) if fault else n, period
 
 
+class _PrefixCache:
+    """Automatic prefix caching as vLLM does it, by blocks: a prompt prefills only what follows
+    its longest run of cached whole blocks; a request's prompt and output are cached (LRU), so
+    the next turn of an episode prefills just the observation."""
+
+    BLOCK = 256  # tokens; vLLM's are 16, but only the prefill count matters here
+
+    def __init__(self, tokens: int) -> None:
+        self.capacity = tokens // self.BLOCK
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def admit(self, prompt: list[int], output: tuple[int, ...]) -> int:
+        """Prompt tokens to prefill; caches the prompt's and the output's blocks."""
+        if not self.capacity:
+            return len(prompt)
+        b, blocks, cached, h = self.BLOCK, self._blocks, 0, 0
+        seq = prompt + list(output)
+        chain = []
+        for i in range(0, len(seq) - b + 1, b):
+            h = hash((h, tuple(seq[i : i + b])))
+            chain.append(h)
+            if cached == i and i + b <= len(prompt) and h in blocks:
+                cached = i + b
+        for h in reversed(chain):  # a chain's head is used most: evict from its tail, as vLLM does
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+        return len(prompt) - cached
+
+
 def _span(rng: random.Random, size: int) -> tuple[int, int]:
     """A box side between 1/8 and 1/2 of the image, inside it."""
     side = rng.randint(max(1, size // 8), max(1, size // 2))
@@ -421,6 +473,7 @@ class SimPolicy(Policy):
     kind = "sim"
     image_token_id = 151655  # the Qwen tokenizer's <|image_pad|>
     vision = "qwen2.5-vl"
+    needs_patches = False  # reads image sizes from grid_thw only
 
     def __init__(self, config: SimConfig | Mapping[str, Any] | None = None, *, tokenizer: Any = None,
                  **overrides: Any) -> None:
@@ -443,6 +496,7 @@ class SimPolicy(Policy):
         self._clock = 0.0  # when the current tick ends, in loop time
         self._ticks = 0
         self._closed = False
+        self.server_cpu_s = 0.0  # CPU time of the simulated server (planning and ticks), for benchmarks
 
     @property
     def tokenizer(self) -> Any:
@@ -488,6 +542,22 @@ class SimPolicy(Policy):
             if self._requests.get(req.id) is req:
                 del self._requests[req.id]
 
+    async def complete(self, request: GenerateRequest) -> Completion:
+        """The whole output, waking the caller once instead of on every tick."""
+        req = self._submit(request)
+        req.final_only = True
+        try:
+            while req.final is None:
+                req.waiter = asyncio.get_running_loop().create_future()
+                await req.waiter
+            if isinstance(req.final, PolicyError):
+                raise req.final
+            return req.output()
+        finally:
+            self._detach(req)
+            if self._requests.get(req.id) is req:
+                del self._requests[req.id]
+
     async def abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
         if req is not None and req.state != _DONE:
@@ -524,7 +594,9 @@ class SimPolicy(Policy):
         if rid in self._requests:
             raise ValueError(f"request {rid!r} is already in flight")
         attempt = self._faults_by_id.get(rid, 0)
+        start = time.thread_time()
         req = self._scripter.plan(request, attempt)
+        self.server_cpu_s += time.thread_time() - start
         if req.fault is not None:
             self._faults_by_id[rid] = attempt + 1
         if self._task is None:
@@ -583,12 +655,16 @@ class SimPolicy(Policy):
 
     async def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         lat = self.config.latency
+        start = time.thread_time()
         prefill = self._admit()
         step_s = lat.decode_base_s + lat.decode_per_seq_s * len(self._running)
         self._clock += (lat.tick_tokens * step_s + lat.prefill_s_per_token * prefill) * lat.time_scale
+        self.server_cpu_s += time.thread_time() - start
         await asyncio.sleep(max(self._clock - loop.time(), 0.0))
+        start = time.thread_time()
         self._ticks += 1
         self._advance(self._version)
+        self.server_cpu_s += time.thread_time() - start
 
     def _admit(self) -> int:
         """Move waiting requests into free slots; returns their prompt tokens."""
@@ -619,7 +695,7 @@ class SimPolicy(Policy):
                 req.stamp(version)
             req.pos = end
             waiter = req.waiter  # req.wake(), inlined
-            if waiter is not None:
+            if waiter is not None and not req.final_only:
                 req.waiter = None
                 if not waiter.done():
                     waiter.set_result(None)

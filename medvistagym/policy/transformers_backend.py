@@ -179,6 +179,8 @@ class TransformersPolicy(Policy):
             return
         if not self._mrope:
             raise ValueError(f"request {request.request_id}: {self.path.name} is a text-only model")
+        if request.images.pixel_values is None:
+            raise ValueError(f"request {request.request_id}: this back end needs ImageInputs.pixel_values (patches)")
         placeholders = ids.count(self.image_token_id)
         needed = sum(request.images.num_tokens(self.merge_size))
         if placeholders != needed:

@@ -192,6 +192,7 @@ def _policy_error(exc: Exception) -> PolicyError:
 
 class VLLMPolicy(Policy):
     kind = "vllm"
+    needs_patches = False  # the server processes the display images itself
 
     def __init__(
         self,

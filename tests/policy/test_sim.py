@@ -415,3 +415,59 @@ def test_duplicate_ids_and_use_after_close(tok):
             await policy.update_weights(None)
 
     asyncio.run(go())
+
+
+def test_prefix_cache_prefills_only_what_follows_the_cached_blocks():
+    from medvistagym.policy.sim import _PrefixCache
+
+    b = _PrefixCache.BLOCK
+    cache = _PrefixCache(b * 100)
+    prompt = list(range(1000, 1000 + 3 * b + 8))  # 3 whole blocks and 8 tokens
+    assert cache.admit(prompt, (7,) * 30) == 3 * b + 8  # a cold cache
+    # The episode's next turn: its prompt, the output, an observation. The prompt's 3 whole
+    # blocks are cached; the block straddling prompt and output was never whole.
+    nxt = prompt + [7] * 30 + list(range(5000, 5000 + b + 62))
+    assert cache.admit(nxt, ()) == len(nxt) - 3 * b
+    assert cache.admit(nxt, ()) == len(nxt) - 4 * b  # now 4 of its blocks are
+    assert cache.admit([9, *prompt], ()) == 3 * b + 9  # blocks are chained: a shifted prompt misses
+    small = _PrefixCache(b * 2)
+    small.admit(prompt, ())
+    assert small.admit(prompt, ()) == b + 8  # the two head blocks stay; the tail was evicted first
+    assert _PrefixCache(0).admit(prompt, ()) == 3 * b + 8
+
+
+def test_complete_returns_what_the_stream_returns(tok):
+    """complete() wakes its caller once, with the stream's tokens, log-probs, versions and reason."""
+    reqs = [request(f"r{i}", seed=i) for i in range(6)]
+    streamed = run_many(sim(tok), reqs)
+
+    async def go():
+        policy = sim(tok)
+        async with policy:
+            return await asyncio.gather(*(policy.complete(r) for r in reqs))
+
+    for chunks, done in zip(streamed, asyncio.run(go())):
+        assert done.token_ids == tokens(chunks) and done.logprobs == [lp for c in chunks for lp in c.logprobs]
+        assert done.versions == [0] * len(done.token_ids)
+        assert (done.finish_reason, done.stop_reason) == (chunks[-1].finish_reason, chunks[-1].stop_reason)
+
+
+def test_complete_keeps_versions_across_an_update_and_raises_errors(tok):
+    latency = {"tick_tokens": 1, "decode_base_s": 0.002, "decode_per_seq_s": 0.0, "weight_sync_s": 0.0}
+
+    async def go():
+        policy = sim(tok, latency=latency, length={"kind": "fixed", "median_tokens": 200})
+        async with policy:
+            task = asyncio.ensure_future(policy.complete(request("long", seed=1)))
+            await until(lambda: policy.ticks >= 20)
+            await policy.update_weights({})
+            done = await task
+            failing = sim(tok, faults={"error_rate": 1.0})
+            with pytest.raises(PolicyError):
+                await failing.complete(request("bad", seed=1))
+            await failing.close()
+            return done
+
+    done = asyncio.run(go())
+    n_old = done.versions.count(0)
+    assert 20 <= n_old < len(done.versions) and done.versions == [0] * n_old + [1] * (len(done.versions) - n_old)
