@@ -12,6 +12,7 @@ from typing import Sequence
 from .bench import decode as bench_decode
 from .bench import kernels as bench_kernels
 from .bench import policy as bench_policy
+from .bench import rollout as bench_rollout
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy = benches.add_parser("policy", help="transformers back end tokens/s: continuous batching vs HF generate")
     bench_policy.add_arguments(policy)
     policy.set_defaults(func=bench_policy.run)
+    rollout = benches.add_parser("rollout", help="rollout engine vs the turn-batched loop; scaling with episodes in flight")
+    bench_rollout.add_arguments(rollout)
+    rollout.set_defaults(func=bench_rollout.run)
     return parser
 
 

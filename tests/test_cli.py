@@ -52,3 +52,19 @@ def test_rollout_writes_parquet_and_tensorboard(tmp_path, capsys):
     frame = pd.read_parquet(out)
     assert len(frame) == 4 and set(frame.status) == {"ok"} and (frame.model_tokens > 0).all()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_bench_rollout_prints_the_comparison_and_scaling_tables(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "r.json"
+    args = ["bench", "rollout", "--tasks", "4", "--group", "2", "--in-flight", "4", "--time-scale", "0",
+            "--scaling", "8", "--rounds", "1", "--scaling-time-scale", "0", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ours (async engine)" in printed and "baseline (turn-batched)" in printed and "engine us/turn" in printed
+    results = json.loads(out.read_text())
+    ours, base = results["sim"]
+    assert ours["episodes"] == base["episodes"] == 8 and ours["tokens"] == base["tokens"] > 0
+    (level,) = results["scaling"]
+    assert level["in_flight"] == 8 and level["episodes"] == 8 and level["cpu_us"]["engine"] > 0

@@ -37,6 +37,9 @@ class EngineConfig:
     # Tool batching: calls from many episodes are rendered together.
     tool_batch_window_s: float = 0.002
     tool_batch_max: int = 512
+    # Move everything alive when the engine starts (model, tokenizer, images) out of the garbage
+    # collector's sight, as vLLM does: full collections then scan only rollout objects.
+    freeze_gc: bool = True
 
     def __post_init__(self) -> None:
         positive = ("group_size", "max_episodes_in_flight", "max_tokens_in_flight", "max_pending_groups",

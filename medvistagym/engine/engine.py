@@ -16,6 +16,7 @@ trajectory with a status inside a `Group`, and in the metrics, whatever happens 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import itertools
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ class RolloutEngine:
         self.config = engine_config or EngineConfig()
         vision = policy.vision or "qwen2.5-vl"
         self.executor = ToolExecutor(vision, window_s=self.config.tool_batch_window_s,
-                                     max_views=self.config.tool_batch_max, mode=self.env.resample)
+                                     max_views=self.config.tool_batch_max, mode=self.env.resample,
+                                     patches=policy.needs_patches)
         self.ctx = Context(policy, self.executor, self.env, self.config)
         self.store = store or ImageStore()
         self.metrics = Metrics()
@@ -120,6 +122,11 @@ class RolloutEngine:
             feeder.cancel()
         return [collected[gid] for gid in ids]
 
+    async def next_group(self) -> Group:
+        """The next completed group, dropped ones included; waits for one (submit first)."""
+        self._start()
+        return await self._take()
+
     async def _take(self) -> Group:
         group = await self._done.get()
         self._outstanding -= 1
@@ -164,6 +171,8 @@ class RolloutEngine:
     # -- admission ---------------------------------------------------------------------------
 
     def _start(self) -> None:
+        if self._dispatcher is None and self.config.freeze_gc:
+            gc.freeze()
         if self._dispatcher is None or self._dispatcher.done():
             self._pending = self._pending or asyncio.Queue(maxsize=self.config.max_pending_groups)
             self._done = self._done or asyncio.Queue()
@@ -199,9 +208,9 @@ class RolloutEngine:
         ]
         try:
             episodes = [Episode(task, self.env, self.store) for _ in range(n)]
-            first_obs = episodes[0].start()
+            first_obs = self.ctx.env_step(episodes[0].start)
             for ep in episodes[1:]:
-                ep.start()  # the images are cached by now
+                self.ctx.env_step(ep.start)  # the images are cached by now
             first = await first_turn(self.ctx, episodes[0], first_obs.views)
         except asyncio.CancelledError:
             self._fail(trajectories, "error: cancelled")

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from ..env.config import EnvConfig
-from ..env.episode import Episode
+from ..env.episode import Episode, Observation
 from ..env.scoring import score
 from ..env.views import View
-from ..policy import GenerateRequest, ImageInputs, Policy, PolicyError, expand_image_tokens
+from ..policy import Completion, GenerateRequest, ImageInputs, Policy, PolicyError, expand_image_tokens
 from .config import EngineConfig
 from .tools import Rendered, ToolExecutor
 from .trajectory import ImageRecord, ToolCallRecord, Trajectory, TurnRecord
 
 VISION_MARK = "<|vision_start|><|image_pad|><|vision_end|>"
+T = TypeVar("T")
 
 
 class TurnTimeout(Exception):
@@ -41,25 +42,79 @@ class Context:
     env: EnvConfig
     config: EngineConfig
     tokens_in_flight: list[int] = field(default_factory=lambda: [0])  # a cell the engine reads
+    # CPU time spent in the environment's own steps (parse, tools' geometry, reward) and in the
+    # tokenizer, counted apart from the engine's own work for benchmarks.
+    env_cpu_s: float = 0.0
+    tokenizer_cpu_s: float = 0.0
 
     def __post_init__(self) -> None:
         tok = self.policy.tokenizer
         self.tokenizer = tok
+        # The Rust tokenizer directly: transformers' wrappers cost ~15x the work itself here.
+        self._rust = getattr(tok, "backend_tokenizer", None)
         self.image_token_id = self.policy.image_token_id or tok.convert_tokens_to_ids("<|image_pad|>")
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self._system_turns: dict[str, tuple[str, list[int]]] = {}
 
     def encode(self, text: str) -> list[int]:
-        # The Rust tokenizer directly: transformers' wrapper costs ~15x the encoding itself here.
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return backend.encode(text, add_special_tokens=False).ids
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        start = time.thread_time()
+        try:
+            if self._rust is not None:
+                return self._rust.encode(text, add_special_tokens=False).ids
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        finally:
+            self.tokenizer_cpu_s += time.thread_time() - start
+
+    def decode(self, ids: list[int]) -> str:
+        start = time.thread_time()
+        try:
+            if self._rust is not None:
+                return self._rust.decode(ids, skip_special_tokens=False)
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        finally:
+            self.tokenizer_cpu_s += time.thread_time() - start
 
     def expand(self, ids: list[int], rendered: Rendered) -> list[int]:
         if not rendered.pixels:
             return ids
-        images = ImageInputs(rendered.pixel_values, rendered.grid_thw)
+        images = ImageInputs(rendered.pixel_values, rendered.grid_thw, rendered.pixels)
         return expand_image_tokens(ids, images, self.image_token_id, self.policy.merge_size)
+
+    def observation_ids(self, last_token: int, text: str, rendered: Rendered) -> list[int]:
+        """Close the assistant turn, the observation as a user turn, open the next assistant turn."""
+        body = text.replace(self.env.image_placeholder, VISION_MARK)
+        close = "" if last_token == self.im_end else "<|im_end|>"
+        ids = self.encode(f"{close}\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n")
+        return self.expand(ids, rendered)
+
+    def prompt_ids(self, episode: Episode, rendered: Rendered) -> list[int]:
+        """The first prompt through the chat template, image placeholders expanded. The system
+        turn (tool schemas: ~1k tokens, 90% of the encoding) is encoded once per distinct text;
+        special tokens bound it, so encoding the rest alone gives the same ids."""
+        messages = episode.messages
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        head = self._system_turn(messages[0]) if messages[0]["role"] == "system" else None
+        if head is not None and text.startswith(head[0]):
+            ids = head[1] + self.encode(text[len(head[0]):])
+        else:
+            ids = self.encode(text)
+        return self.expand(ids, rendered)
+
+    def _system_turn(self, message: dict) -> tuple[str, list[int]]:
+        content = message["content"]
+        key = content if isinstance(content, str) else repr(content)
+        if key not in self._system_turns:
+            text = self.tokenizer.apply_chat_template([message], tokenize=False)
+            self._system_turns[key] = (text, self.encode(text))
+        return self._system_turns[key]
+
+    def env_step(self, step: Callable[..., T], *args: Any) -> T:
+        """Run one of the environment's own steps, counting its CPU time apart from the engine's."""
+        start = time.thread_time()
+        try:
+            return step(*args)
+        finally:
+            self.env_cpu_s += time.thread_time() - start
 
 
 @dataclass
@@ -73,45 +128,58 @@ class FirstTurn:
 
 async def first_turn(ctx: Context, episode: Episode, views: tuple[View, ...]) -> FirstTurn:
     rendered = await ctx.executor.render(views)
-    ids = ctx.tokenizer.apply_chat_template(episode.messages, add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return FirstTurn(ctx.expand(ids, rendered), rendered, views)
+    return FirstTurn(ctx.prompt_ids(episode, rendered), rendered, views)
 
 
-class _Images:
-    """The images of an episode so far, as the next request's model input."""
+class ImageHistory:
+    """The images of an episode so far, as the next request's model input (rebuilt only after
+    images were added: most turns reuse the last one)."""
 
     def __init__(self) -> None:
-        self.rows: list[torch.Tensor] = []
-        self.grids: list[torch.Tensor] = []
-        self.display: list[torch.Tensor] = []
+        self.parts: list[Rendered] = []
+        self._inputs: ImageInputs | None = None
 
     def add(self, rendered: Rendered) -> None:
         if rendered.pixels:
-            self.rows.append(rendered.pixel_values)
-            self.grids.append(rendered.grid_thw)
-            self.display.extend(rendered.pixels)
+            self.parts.append(rendered)
+            self._inputs = None
 
     def inputs(self) -> ImageInputs | None:
-        if not self.rows:
-            return None
-        return ImageInputs(torch.cat(self.rows), torch.cat(self.grids), self.display)
+        if self._inputs is None and self.parts:
+            parts = self.parts
+            patches = None if parts[0].pixel_values is None else _cat([p.pixel_values for p in parts])
+            display = [pixels for p in parts for pixels in p.pixels]
+            self._inputs = ImageInputs(patches, _cat([p.grid_thw for p in parts]), display)
+        return self._inputs
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 @dataclass
 class _Sampled:
-    tokens: list[int]
-    logprobs: list[float]
-    versions: list[int]
-    finish_reason: str
+    done: Completion
     retries: int
     seconds: float
+
+
+def act(ctx: Context, episode: Episode, text: str, turn: TurnRecord) -> Observation:
+    """The environment's step, recording the turn's tool calls and why any failed."""
+    record = episode.record
+    uses_before, errors_before = len(record.tool_uses), len(record.errors)
+    observation = ctx.env_step(episode.act, text)
+    errors = record.errors[errors_before:]
+    for call, use in zip(record.actions[-1].tool_calls, record.tool_uses[uses_before:]):
+        error = "" if use.ok else next((e for e in errors if e.startswith(f"{call.name}:")), "failed")
+        turn.tool_calls.append(ToolCallRecord(call.name, dict(call.arguments), use.ok, error))
+    return observation
 
 
 class EpisodeRunner:
     def __init__(self, ctx: Context, episode: Episode, trajectory: Trajectory, seed: int) -> None:
         self.ctx, self.episode, self.traj, self.seed = ctx, episode, trajectory, seed
-        self.images = _Images()
+        self.images = ImageHistory()
 
     def _grow(self, ids: list[int], **kwargs: Any) -> None:
         self.traj.append(ids, **kwargs)
@@ -144,34 +212,26 @@ class EpisodeRunner:
         while True:
             budget = cfg.max_episode_tokens - len(self.traj.token_ids)
             if budget <= 0:
-                ep.truncate()
+                self.ctx.env_step(ep.truncate)
                 return
             sampled = await self._sample(min(cfg.max_new_tokens, budget))
-            self._grow(sampled.tokens, logprobs=sampled.logprobs, version=sampled.versions)
-            text = self.ctx.tokenizer.decode(sampled.tokens, skip_special_tokens=False)
-            turn = TurnRecord(text, sampled.finish_reason, len(sampled.tokens), len(self.traj.token_ids) - len(sampled.tokens),
-                              sampled.seconds, retries=sampled.retries)
+            done = sampled.done
+            start = len(self.traj.token_ids)
+            self._grow(done.token_ids, logprobs=done.logprobs, version=done.versions)
+            text = self.ctx.decode(done.token_ids)
+            turn = TurnRecord(text, done.finish_reason, len(done.token_ids), start, sampled.seconds,
+                              retries=sampled.retries)
             self.traj.turns.append(turn)
-            observation = self._act(text, turn)
+            observation = act(self.ctx, self.episode, text, turn)
             if ep.done:
                 return
             start = time.perf_counter()
             rendered = await self.ctx.executor.render(observation.views)
             turn.tool_s = time.perf_counter() - start
             self._add_images(rendered, observation.views, turn=len(self.traj.turns))
-            self._grow(self._observation_ids(sampled.tokens[-1] if sampled.tokens else -1, observation.text, rendered))
+            last = done.token_ids[-1] if done.token_ids else -1
+            self._grow(self.ctx.observation_ids(last, observation.text, rendered))
             turn.observation = observation.text
-
-    def _act(self, text: str, turn: TurnRecord):
-        """The environment's step, recording the turn's tool calls and why any failed."""
-        record = self.episode.record
-        uses_before, errors_before = len(record.tool_uses), len(record.errors)
-        observation = self.episode.act(text)
-        errors = record.errors[errors_before:]
-        for call, use in zip(record.actions[-1].tool_calls, record.tool_uses[uses_before:]):
-            error = "" if use.ok else next((e for e in errors if e.startswith(f"{call.name}:")), "failed")
-            turn.tool_calls.append(ToolCallRecord(call.name, dict(call.arguments), use.ok, error))
-        return observation
 
     async def _sample(self, max_new: int) -> _Sampled:
         """One turn from the policy, retrying retryable errors and timeouts with backoff."""
@@ -183,19 +243,10 @@ class EpisodeRunner:
         for attempt in range(cfg.max_retries + 1):
             rid = f"{self.traj.episode_id}:t{turn}:a{attempt}"
             request = GenerateRequest(rid, list(self.traj.token_ids), sampling, images)
-            tokens: list[int] = []
-            logprobs: list[float] = []
-            versions: list[int] = []
             try:
                 async with asyncio.timeout(cfg.turn_timeout_s):
-                    async for chunk in policy.generate(request):
-                        tokens += chunk.token_ids
-                        logprobs += chunk.logprobs
-                        versions += [chunk.version] * len(chunk.token_ids)
-                        if chunk.finish_reason is not None:
-                            return _Sampled(tokens, logprobs, versions, chunk.finish_reason, attempt,
-                                            time.perf_counter() - start)
-                raise PolicyError(f"stream of {rid} ended without a finish reason")
+                    done = await policy.complete(request)  # the turn at once: no wake-up per chunk
+                return _Sampled(done, attempt, time.perf_counter() - start)
             except TimeoutError:
                 await policy.abort(rid)
                 if attempt == cfg.max_retries:
@@ -206,33 +257,35 @@ class EpisodeRunner:
             await asyncio.sleep(cfg.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _observation_ids(self, last_token: int, text: str, rendered: Rendered) -> list[int]:
-        """Close the assistant turn, the observation as a user turn, open the next assistant turn."""
-        body = text.replace(self.ctx.env.image_placeholder, VISION_MARK)
-        close = "" if last_token == self.ctx.im_end else "<|im_end|>"
-        ids = self.ctx.encode(f"{close}\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n")
-        return self.ctx.expand(ids, rendered)
-
     def _add_images(self, rendered: Rendered, views: tuple[View, ...], turn: int) -> None:
         self.images.add(rendered)
-        refs = self.episode.task.images
-        for pixels, view in zip(rendered.pixels, views):
-            index = self.episode.task_image(view)
-            source = (refs[index].name or str(refs[index].path)) if index >= 0 else view.image.key
-            self.traj.images.append(ImageRecord(pixels, turn, source, index, tuple(view.region)))
+        record_images(self.traj, self.episode, rendered, views, turn)
 
     def _finish(self) -> None:
-        ep, traj = self.episode, self.traj
-        self.ctx.tokens_in_flight[0] -= len(traj.token_ids)
-        traj.ended_s = time.time()
-        if traj.status == "ok":
-            if not ep.done:
-                ep.truncate()
-            traj.status = ep.status
-        if ep.reward is not None:
-            traj.answer = ep.answer
-            traj.score = score(ep.task, ep.final_text) if ep.answer is not None else 0.0
-            parts = ep.reward
-            traj.reward = parts.total
-            traj.reward_parts = {"correct": parts.correct, "format": parts.format, "tool": parts.tool,
-                                 "penalty": parts.penalty}
+        self.ctx.tokens_in_flight[0] -= len(self.traj.token_ids)
+        settle(self.ctx, self.episode, self.traj)
+
+
+def record_images(traj: Trajectory, episode: Episode, rendered: Rendered, views: tuple[View, ...], turn: int) -> None:
+    """The images shown at `turn`, with the task image and box each was cut from."""
+    refs = episode.task.images
+    for pixels, view in zip(rendered.pixels, views):
+        index = episode.task_image(view)
+        source = (refs[index].name or str(refs[index].path)) if index >= 0 else view.image.key
+        traj.images.append(ImageRecord(pixels, turn, source, index, tuple(view.region)))
+
+
+def settle(ctx: Context, episode: Episode, traj: Trajectory) -> None:
+    """The trajectory's final status, answer, score and reward."""
+    traj.ended_s = time.time()
+    if traj.status == "ok":
+        if not episode.done:
+            ctx.env_step(episode.truncate)
+        traj.status = episode.status
+    if episode.reward is not None:
+        traj.answer = episode.answer
+        traj.score = ctx.env_step(score, episode.task, episode.final_text) if episode.answer is not None else 0.0
+        parts = episode.reward
+        traj.reward = parts.total
+        traj.reward_parts = {"correct": parts.correct, "format": parts.format, "tool": parts.tool,
+                             "penalty": parts.penalty}

@@ -21,15 +21,16 @@ from typing import Sequence
 import torch
 
 from ..env.views import View, render_views
-from ..kernels import patchify
+from ..kernels import PRESETS, patchify
 
 
 @dataclass
 class Rendered:
-    """Images of one request as shown (uint8 (3, h, w)) and as model input (patches)."""
+    """Images of one request as shown (uint8 (3, h, w)) and as model input: patches (None when
+    the policy processes the shown images itself) and their grid."""
 
     pixels: list[torch.Tensor]
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None
     grid_thw: torch.Tensor
 
 
@@ -43,8 +44,11 @@ def _rgb(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class ToolExecutor:
-    def __init__(self, vision: str, *, window_s: float = 0.002, max_views: int = 512, mode: str = "bicubic") -> None:
+    def __init__(self, vision: str, *, window_s: float = 0.002, max_views: int = 512, mode: str = "bicubic",
+                 patches: bool = True) -> None:
+        """`patches=False` skips patchify (the policy takes the shown images); grids still follow `vision`."""
         self.vision, self.window_s, self.max_views, self.mode = vision, window_s, max_views, mode
+        self.patches, self.patch_size = patches, PRESETS[vision].patch_size
         self._pending: list[tuple[Sequence[View], asyncio.Future]] = []
         self._pending_views = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -55,6 +59,7 @@ class ToolExecutor:
         self.views = 0
         self.unique_views = 0
         self.render_s = 0.0
+        self.render_cpu_s = 0.0  # CPU time of the rendering thread (what a GPU would take over)
         self.failures = 0
 
     async def render(self, views: Sequence[View]) -> Rendered:
@@ -103,6 +108,13 @@ class ToolExecutor:
                 future.set_result(result)
 
     def _render_batch(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> list[Rendered]:
+        start = time.thread_time()
+        try:
+            return self._render_unique(batch)
+        finally:
+            self.render_cpu_s += time.thread_time() - start
+
+    def _render_unique(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> list[Rendered]:
         unique: dict[tuple, int] = {}
         order: list[View] = []
         slots: list[list[int]] = []
@@ -116,7 +128,7 @@ class ToolExecutor:
                 row.append(unique[key])
             slots.append(row)
         pixels = [_rgb(p) for p in render_views(order, self.mode)] if order else []
-        patches = patchify(pixels, self.vision) if pixels else None
+        patches = patchify(pixels, self.vision) if pixels and self.patches else None
         self.requests += len(batch)
         self.views += sum(len(v) for v, _ in batch)
         self.unique_views += len(order)
@@ -125,5 +137,8 @@ class ToolExecutor:
     def _pick(self, row: list[int], pixels: list[torch.Tensor], patches) -> Rendered:
         if not row:
             return Rendered([], torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long))
-        parts = [patches.image(i) for i in row]
-        return Rendered([pixels[i] for i in row], torch.cat(parts), patches.grid_thw[row])
+        shown = [pixels[i] for i in row]
+        if patches is None:
+            grid = [(1, p.shape[1] // self.patch_size, p.shape[2] // self.patch_size) for p in shown]
+            return Rendered(shown, None, torch.tensor(grid, dtype=torch.long))
+        return Rendered(shown, torch.cat([patches.image(i) for i in row]), patches.grid_thw[row])

@@ -114,7 +114,8 @@ def _equalize(pixels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _display(view: View, values: torch.Tensor) -> torch.Tensor:
+def show(view: View, values: torch.Tensor) -> torch.Tensor:
+    """A view's resampled source values as shown: windowed to uint8, contrast, orientation."""
     window = robust_window(values) if view.contrast == "stretch" else view.window
     if window is None and not values.is_floating_point():
         pixels = values  # an 8-bit photograph, shown as stored
@@ -149,4 +150,4 @@ def render_views(views: Sequence[View], mode: str = "bicubic") -> list[torch.Ten
         )
         for i, out in zip(indices, outs):
             resampled[i] = out
-    return [_display(view, values) for view, values in zip(views, resampled)]  # type: ignore[arg-type]
+    return [show(view, values) for view, values in zip(views, resampled)]  # type: ignore[arg-type]
