@@ -82,7 +82,7 @@ class ImageInputs:
             raise ValueError(f"pixel_values must be 2-D (rows, features), got {tuple(self.pixel_values.shape)}")
         elif (rows := int(self.grid_thw.prod(dim=1).sum())) != self.pixel_values.shape[0]:
             raise ValueError(f"grid_thw covers {rows} patch rows but pixel_values has {self.pixel_values.shape[0]}")
-        if self.display is not None and len(self.display) != len(self.grid_thw):
+        if self.display is not None and len(self.display) != self.grid_thw.shape[0]:
             raise ValueError(f"{len(self.display)} display images for {len(self.grid_thw)} grids")
 
     @classmethod
@@ -91,7 +91,7 @@ class ImageInputs:
         return cls(patches.pixel_values, patches.grid_thw, display)
 
     def __len__(self) -> int:
-        return len(self.grid_thw)
+        return self.grid_thw.shape[0]
 
     def num_tokens(self, merge_size: int = 2) -> list[int]:
         """Placeholder tokens each image takes in the prompt."""
