@@ -1,10 +1,12 @@
 """The RolloutEngine: GRPO groups of multi-turn episodes, thousands in flight on one event loop.
 
     engine = RolloutEngine(policy, EnvConfig(), EngineConfig(group_size=8))
-    await engine.submit(tasks)                 # waits while max_pending_groups are queued
-    async for group in engine.groups():        # completed groups, as they complete
-        ...
+    feeder = asyncio.create_task(engine.submit(tasks))  # waits while max_pending_groups are queued
+    for _ in tasks:
+        group = await engine.next_group()      # completed groups, as they complete
     groups = await engine.generate(tasks)      # or: everything, for batch use
+
+`groups()` iterates until every group submitted so far is out, so submit before iterating.
 
 State ownership: the engine's coroutines (dispatcher, group runners, episode runners) run on
 one event loop and own all counters; the policy streams tokens, the ToolExecutor renders in a
