@@ -90,6 +90,14 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = (
+    ("kernels", bench_kernels, "zooms to images / Qwen patches: ours vs the peers' PIL+JPEG+HF path"),
+    ("decode", bench_decode, "decoding JPEGs into the image store: DALI batch vs PIL"),
+    ("policy", bench_policy, "transformers back end tokens/s: continuous batching vs HF generate"),
+    ("rollout", bench_rollout, "rollout engine vs the turn-batched loop; scaling with episodes in flight"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvistagym", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,18 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmark tables")
     benches = bench.add_subparsers(dest="bench", required=True)
-    kernels = benches.add_parser("kernels", help="zooms to images / Qwen patches: ours vs the peers' PIL+JPEG+HF path")
-    bench_kernels.add_arguments(kernels)
-    kernels.set_defaults(func=bench_kernels.run)
-    decode = benches.add_parser("decode", help="decoding JPEGs into the image store: DALI batch vs PIL")
-    bench_decode.add_arguments(decode)
-    decode.set_defaults(func=bench_decode.run)
-    policy = benches.add_parser("policy", help="transformers back end tokens/s: continuous batching vs HF generate")
-    bench_policy.add_arguments(policy)
-    policy.set_defaults(func=bench_policy.run)
-    rollout = benches.add_parser("rollout", help="rollout engine vs the turn-batched loop; scaling with episodes in flight")
-    bench_rollout.add_arguments(rollout)
-    rollout.set_defaults(func=bench_rollout.run)
+    for name, module, help_text in BENCHES:
+        sub = benches.add_parser(name, help=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
     return parser
 
 

@@ -136,7 +136,7 @@ async def run_ours(policy: Policy, tasks: Sequence[Task], env: EnvConfig, config
 
 async def run_baseline(policy: Policy, tasks: Sequence[Task], env: EnvConfig, config: EngineConfig) -> Result:
     result = Result("baseline (turn-batched)", config.max_episodes_in_flight)
-    ctx = Context(policy, None, env, config)  # type: ignore[arg-type]
+    ctx = Context(policy, None, env, config)
 
     async def work() -> None:
         trajectories = await turn_batched_rollout(policy, tasks, env, config,

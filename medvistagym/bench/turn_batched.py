@@ -128,7 +128,7 @@ async def turn_batched_rollout(policy: Policy, tasks: Sequence[Task], env: EnvCo
     per batch; returns the trajectories in task order. A failed request fails its episode.
     `ctx` (optional) is where the tokenizer and environment CPU time is counted."""
     env, config = env or EnvConfig(), config or EngineConfig()
-    ctx = ctx or Context(policy, None, env, config)  # type: ignore[arg-type]  # no ToolExecutor: PIL per call
+    ctx = ctx or Context(policy, None, env, config)  # no ToolExecutor: PIL per call
     tools = PilTools(policy.vision or "qwen2.5-vl", policy.needs_patches, env.resample)
     store = store or ImageStore()
     n = config.group_size

@@ -38,7 +38,7 @@ class Context:
     """What every episode of an engine shares."""
 
     policy: Policy
-    executor: ToolExecutor
+    executor: ToolExecutor | None  # None for loops that render their own tool images (the baseline)
     env: EnvConfig
     config: EngineConfig
     tokens_in_flight: list[int] = field(default_factory=lambda: [0])  # a cell the engine reads

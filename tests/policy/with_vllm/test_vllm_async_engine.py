@@ -14,7 +14,7 @@ import asyncio
 
 import pytest
 
-from vllm_cases import check_stop_string, check_weight_update, output, request
+from vllm_cases import abort_after_three, check_stop_string, check_weight_update, output, request
 
 from medvistagym.policy import Chunk, PolicyError, build_policy
 
@@ -91,17 +91,8 @@ def test_same_seed_same_tokens_alone_or_among_32_concurrent(policy, prompt, run)
 
 
 def test_abort_ends_the_stream_and_the_request(policy, prompt, run):
-    async def abort_after_three() -> list[Chunk]:
-        got = []
-        async for chunk in policy.generate(request("abort", prompt, temperature=0, max_new_tokens=900, ignore_eos=True)):
-            got.append(chunk)
-            if len(got) == 3:
-                await policy.abort("abort")
-                await policy.abort("no-such-request")  # ignored
-        await asyncio.sleep(0.5)
-        return got
-
-    chunks = run(abort_after_three())
+    chunks = run(abort_after_three(policy, prompt))
+    run(asyncio.sleep(0.5))
     assert chunks[-1] == Chunk([], [], 0, "abort")
     assert len(output(chunks)) < 900
     assert policy._engine.get_num_unfinished_requests() == 0

@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_cases import check_stop_string, check_weight_update, output, request
+from vllm_cases import abort_after_three, check_stop_string, check_weight_update, output, request
 
 from medvistagym.policy import Chunk, GenerateRequest, ImageInputs, PolicyError, build_policy
 from medvistagym.policy.presets import IMAGE_PAD, VISION_END, VISION_START
@@ -145,15 +145,7 @@ def running_requests(url: str) -> float:
 
 
 def test_abort_closes_the_stream_and_the_server_drops_the_request(policy, prompt, run, server):
-    async def abort_after_three() -> list[Chunk]:
-        got = []
-        async for chunk in policy.generate(request("abort", prompt, temperature=0, max_new_tokens=900, ignore_eos=True)):
-            got.append(chunk)
-            if len(got) == 3:
-                await policy.abort("abort")
-        return got
-
-    chunks = run(abort_after_three())
+    chunks = run(abort_after_three(policy, prompt))
     assert chunks[-1] == Chunk([], [], 0, "abort")
     deadline = time.monotonic() + 10
     while running_requests(server) and time.monotonic() < deadline:

@@ -49,3 +49,15 @@ def check_stop_string(policy, prompt, complete, reference) -> list[int]:
     assert output(chunks) == greedy[: k + 1]
     assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", stop)
     return greedy
+
+
+async def abort_after_three(policy, prompt) -> list[Chunk]:
+    """Stream a long greedy request, aborting it (and an unknown id, which is ignored) after
+    its third chunk; returns the chunks."""
+    got = []
+    async for chunk in policy.generate(request("abort", prompt, temperature=0, max_new_tokens=900, ignore_eos=True)):
+        got.append(chunk)
+        if len(got) == 3:
+            await policy.abort("abort")
+            await policy.abort("no-such-request")
+    return got
