@@ -1,11 +1,11 @@
-# Quick start (see README.md): `make demo` runs the main job, `make test` runs the tests.
+# Quick start (see README.md): `make train` runs the main job, `make test` runs the tests.
 # Both create .venv and install what they need into it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: train demo test install clean
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# The main job: GRPO on the built-in medvista-mini set with the tiny Qwen2.5-VL (CPU, minutes).
+train: $(STAMP)
+	$(BIN)/medvistagym train
+
+# Sanity check of the environment: the scripted oracle and random policies.
 demo: $(STAMP)
 	$(BIN)/medvistagym eval --dataset medvista-mini --split test --policy oracle
 	$(BIN)/medvistagym eval --dataset medvista-mini --split test --policy random

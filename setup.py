@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["medvistagym", "medvistagym.*"]),
-    package_data={"medvistagym.kernels": ["csrc/*.cpp"]},  # compiled on first use
+    # C++ kernels compiled on first use; the report viewer's page template.
+    package_data={"medvistagym.kernels": ["csrc/*.cpp"], "medvistagym.view": ["template.html"]},
     install_requires=[
         # The CPU build of torch is installed first by the Makefile (see README);
         # a bare "torch" here would let pip fetch a multi-GB CUDA build.

@@ -11,8 +11,10 @@ from typing import Sequence
 
 from .bench import decode as bench_decode
 from .bench import kernels as bench_kernels
+from .bench import loss as bench_loss
 from .bench import policy as bench_policy
 from .bench import rollout as bench_rollout
+from .view import cli as view_cli
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -48,14 +50,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.dataset, args.split, args.data_root)
     if args.limit:
         tasks = tasks[: args.limit]
-    agent = build_expert(args.policy, tasks, args.seed)
-    results = evaluate(tasks, agent, config, render=not args.no_render)
+    if args.policy in ("oracle", "random"):
+        results = evaluate(tasks, build_expert(args.policy, tasks, args.seed), config, render=not args.no_render)
+    else:
+        results = _eval_model(args, tasks, config)
     print_report(results, f"{args.dataset} / {args.split} / {args.policy}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as out:
             for r in results:
                 out.write(json.dumps(r.__dict__) + "\n")
     return 0
+
+
+def _eval_model(args: argparse.Namespace, tasks: list, env_config) -> list:
+    """A model through the rollout engine, greedy, one episode per task."""
+    from .engine import EngineConfig, run
+    from .policy import build_policy
+    from .train.evaluate import episode_results, rollout_eval
+
+    async def main() -> list:
+        policy = build_policy(args.policy, model=args.model)
+        try:
+            engine = EngineConfig(max_new_tokens=args.max_new_tokens)
+            return episode_results(tasks, await rollout_eval(policy, tasks, env_config, engine))
+        finally:
+            await policy.close()
+
+    return run(main())
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
@@ -90,11 +111,22 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    train(config, resume=args.resume)
+    return 0
+
+
 BENCHES = (
     ("kernels", bench_kernels, "zooms to images / Qwen patches: ours vs the peers' PIL+JPEG+HF path"),
     ("decode", bench_decode, "decoding JPEGs into the image store: DALI batch vs PIL"),
     ("policy", bench_policy, "transformers back end tokens/s: continuous batching vs HF generate"),
     ("rollout", bench_rollout, "rollout engine vs the turn-batched loop; scaling with episodes in flight"),
+    ("loss", bench_loss, "GRPO loss fwd+bwd: fused vs naive full logits (vs Liger on CUDA)"),
 )
 
 
@@ -117,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--split", default="test")
     ev.add_argument("--data-root")
-    ev.add_argument("--policy", default="oracle", choices=["oracle", "random"])
+    ev.add_argument("--policy", default="oracle", choices=["oracle", "random", "transformers", "vllm"],
+                    help="a scripted expert, or a model (--model) through the rollout engine, greedy")
+    ev.add_argument("--model", default="qwen2.5-vl-tiny",
+                    help="transformers / vllm: a model directory (e.g. a checkpoint's model/) or preset")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="per turn, for models")
     ev.add_argument("--limit", type=int, default=0)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--config", help="YAML file of EnvConfig fields")
@@ -138,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--config", help="EngineConfig YAML")
     ro.add_argument("overrides", nargs="*", help="EngineConfig key=value; env.key=value for EnvConfig")
     ro.set_defaults(func=_cmd_rollout)
+
+    tr = commands.add_parser("train", help="the main job: GRPO training (the CPU demo with no arguments)")
+    tr.add_argument("--config", help="YAML preset (see configs/)")
+    tr.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint")
+    tr.add_argument("overrides", nargs="*", help="TrainConfig key=value, dotted for sections (optim.lr=1e-6)")
+    tr.set_defaults(func=_cmd_train)
+
+    view = commands.add_parser("view", help="trajectories (Parquet) to one self-contained HTML report")
+    view_cli.add_arguments(view)
+    view.set_defaults(func=view_cli.run)
 
     bench = commands.add_parser("bench", help="benchmark tables")
     benches = bench.add_subparsers(dest="bench", required=True)

@@ -20,6 +20,15 @@ def test_eval_accepts_config_overrides(capsys):
     assert "unknown key 'max_turn'" in capsys.readouterr().err
 
 
+def test_eval_runs_a_model_through_the_engine(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", "--dataset", "medvista-mini", "--policy", "transformers", "--model", "qwen2.5-vl-tiny",
+                 "--limit", "3", "--max-new-tokens", "8", "--output", str(out), "max_turns=2", "tools=[zoom_in]"]) == 0
+    assert "by answer type" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["turns"] == 2 and r["status"] == "truncated" for r in rows)  # random weights
+
+
 def test_data_info_and_missing_dataset_root(tmp_path, capsys):
     assert main(["data", "info", "--dataset", "medvista-mini", "--split", "test"]) == 0
     assert "110 tasks" in capsys.readouterr().out

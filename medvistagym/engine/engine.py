@@ -89,14 +89,17 @@ class RolloutEngine:
 
     # -- submitting and receiving ------------------------------------------------------------
 
-    async def submit(self, tasks: Iterable[Task], group_size: int | None = None) -> list[str]:
+    async def submit(self, tasks: Iterable[Task], group_size: int | None = None,
+                     group_ids: Iterable[str] | None = None) -> list[str]:
         """Queue one group per task; waits while max_pending_groups groups wait for admission.
-        Returns the group ids."""
+        Returns the group ids. Sampling seeds derive from group ids: a trainer that names its
+        groups after its data cursor samples the same episodes again when it resumes."""
         self._start()
         n = group_size or self.config.group_size
+        names = iter(group_ids) if group_ids is not None else None
         ids = []
         for task in tasks:
-            group_id = f"g{next(self._ids)}"
+            group_id = next(names) if names is not None else f"g{next(self._ids)}"
             self._outstanding += 1
             self.metrics.submitted(n)
             await self._pending.put((group_id, task, n))

@@ -239,6 +239,7 @@ class TrajectoryWriter:
         self.row_group_size = row_group_size
         self.rows = 0  # trajectories accepted so far
         self._pending: list[pa.RecordBatch] = []
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(path, SCHEMA, compression="zstd")
 
     def write(self, trajectory: Trajectory) -> None:

@@ -54,17 +54,16 @@ def run_episode(task: Task, agent: Agent, config: EnvConfig, store: ImageStore, 
     except ImageDecodeError as err:
         status = f"error: {err}"
     reward = episode.reward.total if episode.reward else 0.0
+    return result(task, status, score(task, episode.final_text) if episode.answer is not None else 0.0, reward,
+                  episode.turns, len(episode.record.tool_uses))
+
+
+def result(task: Task, status: str, score: float, reward: float, turns: int, tool_calls: int) -> EpisodeResult:
+    """An episode's result, with the task's answer type, question kind and chance level."""
     return EpisodeResult(
-        task_id=task.id,
-        dataset=task.dataset,
-        answer_type=task.answer_type.value,
-        question_kind=str(task.metadata.get("question_kind", "")),
-        status=status,
-        score=score(task, episode.final_text) if episode.answer is not None else 0.0,
-        reward=reward,
-        chance=_chance(task),
-        turns=episode.turns,
-        tool_calls=len(episode.record.tool_uses),
+        task_id=task.id, dataset=task.dataset, answer_type=task.answer_type.value,
+        question_kind=str(task.metadata.get("question_kind", "")), status=status, score=score, reward=reward,
+        chance=_chance(task), turns=turns, tool_calls=tool_calls,
     )
 
 

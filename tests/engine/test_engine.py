@@ -57,6 +57,22 @@ def test_every_episode_comes_back_with_aligned_tokens(tasks):
     assert m["tools/unique_fraction"] < 1.0  # group members share their question images
 
 
+def test_named_groups_sample_the_same_episodes_in_any_engine(tasks):
+    """Group ids name the sampling seeds: a trainer resuming from its data cursor gets the
+    episodes it would have got, whatever the engine ran before."""
+    async def main(warm_up: int):
+        engine = RolloutEngine(build_policy("sim", **FAST), EnvConfig(), EngineConfig(group_size=2))
+        if warm_up:
+            await engine.generate(tasks[:warm_up])  # numbered g0, g1, ...
+        feeder = asyncio.ensure_future(engine.submit(tasks[:2], group_ids=["s7", "s8"]))
+        groups = [await engine.next_group() for _ in range(2)]
+        await feeder
+        return {g.group_id: [t.token_ids for t in g.trajectories] for g in groups}
+
+    fresh, after_others = run(main(0)), run(main(2))
+    assert set(fresh) == {"s7", "s8"} and fresh == after_others
+
+
 def test_faults_are_retried_counted_and_nothing_is_lost(tasks):
     async def main():
         policy = build_policy("sim", latency={"time_scale": 0.0}, faults={"error_rate": 0.3, "hang_rate": 0.1})
