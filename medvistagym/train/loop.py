@@ -254,10 +254,30 @@ def report(results: dict[str, dict[str, float]], console: Console | None = None)
     (console or Console()).print(table)
 
 
+def overlap(timeline: list[dict[str, Any]]) -> dict[str, float]:
+    """How much rollout ran while the trainer trained: training seconds, and the seconds of
+    them during which at least one episode of a later step was in flight."""
+    train_s = overlap_s = 0.0
+    for i, entry in enumerate(timeline):
+        start, end = entry["train"]
+        train_s += end - start
+        clipped = ((max(s, start), min(e, end)) for t in timeline[i + 1:] for s, e in t["episodes"])
+        later = sorted((s, e) for s, e in clipped if s < e)
+        covered, reach = 0.0, start
+        for s, e in later:  # the union of the intervals within [start, end]
+            if e > reach:
+                covered += e - max(s, reach)
+                reach = e
+        overlap_s += covered
+    return {"train_s": train_s, "overlap_s": overlap_s, "overlap_fraction": overlap_s / train_s if train_s else 0.0}
+
+
 def train(config: TrainConfig, resume: bool = False) -> dict[str, dict[str, float]]:
-    """Run the job; returns the held-out summaries (before, warm_start, after, ...)."""
+    """Run the job; returns the held-out summaries (before, warm_start, after, ...); summary.json
+    adds how much rollout overlapped training."""
     job = Job(config, resume)
     results = run(job.run())
-    (Path(config.output_dir) / "summary.json").write_text(json.dumps(results, indent=2))
+    summary = {**results, "timeline": overlap(job.timeline)}
+    (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     report(results)
     return results

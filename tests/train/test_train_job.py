@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 from medvistagym.config import apply_overrides
 from medvistagym.train.config import TrainConfig
-from medvistagym.train.loop import train
+from medvistagym.train.loop import overlap, train
 
 SMALL = ["steps=2", "tasks_per_step=2", "engine.group_size=2", "engine.max_new_tokens=12", "warm_start.steps=2",
          "warm_start.tasks_per_step=2", "eval_limit=2", "checkpoint_every=1", "progress=false", "env.max_turns=2"]
@@ -27,7 +27,8 @@ def test_the_job_evaluates_warm_starts_trains_and_checkpoints(tmp_path):
     results = train(_config(tmp_path))
     assert list(results) == ["before", "warm_start", "after"]
     assert all(r["episodes"] == 2 for r in results.values())
-    assert json.loads((tmp_path / "summary.json").read_text()) == results
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {k: summary[k] for k in results} == results and summary["timeline"]["overlap_s"] == 0.0  # sync
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
     AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoints" / "step-000002" / "model")
     timeline = json.loads((tmp_path / "timeline.json").read_text())
@@ -43,12 +44,9 @@ def test_async_mode_overlaps_rollout_with_training_within_max_staleness(tmp_path
     timeline = json.loads((tmp_path / "timeline.json").read_text())
     assert [t["groups"] for t in timeline] == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"]]
     assert max(t["staleness_max"] for t in timeline) <= 1
-    # Episodes of step k+1 ran while step k trained.
-    overlap = 0.0
-    for now, nxt in zip(timeline, timeline[1:]):
-        start, end = now["train"]
-        overlap += sum(max(0.0, min(end, e) - max(start, s)) for s, e in nxt["episodes"])
-    assert overlap > 0
+    # Episodes of later steps ran while a step trained.
+    measured = json.loads((tmp_path / "summary.json").read_text())["timeline"]
+    assert measured == overlap(timeline) and 0 < measured["overlap_s"] <= measured["train_s"]
 
 
 def test_a_killed_run_resumes_without_repeating_or_skipping_data(tmp_path):
@@ -83,3 +81,14 @@ def test_gpu_presets_load(preset):
     assert config.policy == "vllm" and config.datasets == ("vqa-rad", "slake", "pathvqa") and config.steps == 10
     assert len(config.eval_datasets) == 6 and config.mode == "async" and config.engine.group_size == 8
     assert config.env.coordinates == ("normalized" if "qwen3" in preset else "pixel")
+
+
+def test_overlap_is_the_union_of_later_episodes_within_training():
+    timeline = [
+        {"train": [10.0, 20.0], "episodes": [[0.0, 9.0]]},
+        {"train": [30.0, 32.0], "episodes": [[5.0, 12.0], [11.0, 15.0], [18.0, 25.0], [21.0, 29.0]]},
+        {"train": [40.0, 41.0], "episodes": [[31.0, 40.5]]},
+    ]
+    # Step 0 trains 10-20 while later episodes cover 10-15 and 18-20 (7 s; 21-29 is after it); step 1 trains 30-32
+    # while step 2's episode covers 31-32 (1 s); step 2 has no later step.
+    assert overlap(timeline) == {"train_s": 13.0, "overlap_s": 8.0, "overlap_fraction": 8.0 / 13.0}
