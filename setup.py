@@ -35,6 +35,7 @@ setup(
         "httpx>=0.27",
         "uvloop>=0.19",
         "tensorboard>=2.14",  # engine and trainer metrics
+        "matplotlib>=3.8",  # PNG plots beside the benchmark tables
     ],
     extras_require={
         # Tests run the Triton kernels in its interpreter, DALI's CPU pipelines, and compare

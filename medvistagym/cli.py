@@ -12,6 +12,7 @@ from typing import Sequence
 from .bench import decode as bench_decode
 from .bench import kernels as bench_kernels
 from .bench import loss as bench_loss
+from .bench import plot as bench_plot
 from .bench import policy as bench_policy
 from .bench import rollout as bench_rollout
 from .view import cli as view_cli
@@ -127,6 +128,7 @@ BENCHES = (
     ("policy", bench_policy, "transformers back end tokens/s: continuous batching vs HF generate"),
     ("rollout", bench_rollout, "rollout engine vs the turn-batched loop; scaling with episodes in flight"),
     ("loss", bench_loss, "GRPO loss fwd+bwd: fused vs naive full logits (vs Liger on CUDA)"),
+    ("plot", bench_plot, "PNG plots from the JSON files the benches write (--json)"),
 )
 
 

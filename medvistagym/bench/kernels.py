@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -194,6 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", help="ours: torch, cpu, triton (default: those available)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows here, and their plots beside it (<stem>-zooms.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,6 +204,13 @@ def run(args: argparse.Namespace) -> int:
     title = (f"{args.out_size[0]}x{args.out_size[1]} zooms from uint8 RGB photos ({sources}), {args.preset}, "
              f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
     print_table(rows, title)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"out_size": args.out_size, "preset": args.preset, "torch_threads": torch.get_num_threads(),
+                       "repeats": args.repeats, "rows": rows}, f, indent=1)
+        from .plots import plot_json  # matplotlib loaded on use
+
+        print("plots:", *plot_json(args.json))
     return 0
 
 

@@ -218,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, help="ours: tokens per chunk of logits (default: automatic)")
     parser.add_argument("--skip-naive", action="store_true", help="no naive row (it needs several [N, V] fp32 tensors)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", help="also write the rows here, and their plots beside it (<stem>-memory-time.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"hidden": args.hidden, "vocab": args.vocab, "dtype": dtype, "device": device, "repeat": repeat,
                        "rows": rows}, f, indent=1)
+        from .plots import plot_json  # matplotlib loaded on use
+
+        print("plots:", *plot_json(args.json))
     return 0
 
 

@@ -191,7 +191,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformers", action="store_true",
                    help="also compare on the tiny Qwen2.5-VL (transformers back end, CPU)")
     p.add_argument("--tf-tasks", type=int, default=8, help="tasks of the transformers comparison")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None,
+                   help="also write the results here, and their plots beside it (<stem>-compare.png, -scaling.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,8 +222,16 @@ def run(args: argparse.Namespace) -> int:
     results = run_loop(main())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: [dict(asdict(r), per_s=r.per_s) for r in v] for k, v in results.items()}, f, indent=1)
+            json.dump(to_json(results), f, indent=1)
+        from .plots import plot_json  # matplotlib loaded on use
+
+        print("plots:", *plot_json(args.json))
     return 0
+
+
+def to_json(results: dict[str, list[Result]]) -> dict[str, list[dict]]:
+    """What `--json` writes: per part ("sim", "transformers", "scaling"), its results with their rates."""
+    return {k: [dict(asdict(r), per_s=r.per_s) for r in v] for k, v in results.items()}
 
 
 async def _transformers(tasks: Sequence[Task], env: EnvConfig, args: argparse.Namespace) -> list[Result]:
