@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from rich.table import Table
 from medvistagym.kernels import backend_available, crop_patchify, crop_resize
 from medvistagym.kernels.patchify import preset as resolve_preset
 from medvistagym.kernels.plan import plan_resample
+
+from .results import save as save_results
 
 # (scikit-image photo, (height, width)): 1.0, 2.4, 3.1 and 4.2 MP.
 SOURCES = (("astronaut", (1024, 1024)), ("coffee", (1536, 1536)),
@@ -205,12 +206,8 @@ def run(args: argparse.Namespace) -> int:
              f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
     print_table(rows, title)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"out_size": args.out_size, "preset": args.preset, "torch_threads": torch.get_num_threads(),
-                       "repeats": args.repeats, "rows": rows}, f, indent=1)
-        from .plots import plot_json  # matplotlib loaded on use
-
-        print("plots:", *plot_json(args.json))
+        save_results(args.json, {"out_size": args.out_size, "preset": args.preset,
+                                 "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows})
     return 0
 
 

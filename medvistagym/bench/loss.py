@@ -38,6 +38,8 @@ from rich.table import Table
 
 from medvistagym.kernels.grpo_loss import fused_grpo_loss, grpo_loss_reference
 
+from .results import save as save_results
+
 SEQ_LEN = 512
 LABELS = {"naive": "naive torch (full logits)", "fused": "ours: fused_grpo_loss", "liger": "Liger FusedLinearGRPOLoss"}
 
@@ -233,20 +235,7 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows, f"GRPO loss forward + backward: H {args.hidden}, V {args.vocab}, {dtype}, {device}, "
                       f"sequences of {SEQ_LEN}, median of {repeat}; peaks beyond the inputs")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"hidden": args.hidden, "vocab": args.vocab, "dtype": dtype, "device": device, "repeat": repeat,
-                       "rows": rows}, f, indent=1)
-        from .plots import plot_json  # matplotlib loaded on use
-
-        print("plots:", *plot_json(args.json))
+        save_results(args.json, {"hidden": args.hidden, "vocab": args.vocab, "dtype": dtype, "device": device,
+                                 "repeat": repeat, "rows": rows})
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +45,7 @@ from medvistagym.env.task import Task
 from medvistagym.policy import Policy
 from medvistagym.policy.sim import SimPolicy
 
+from .results import save as save_results
 from .turn_batched import turn_batched_rollout
 
 SERVER = dict(max_batch=256, decode_base_s=0.012, decode_per_seq_s=7e-5)
@@ -221,11 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_loop(main())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(results), f, indent=1)
-        from .plots import plot_json  # matplotlib loaded on use
-
-        print("plots:", *plot_json(args.json))
+        save_results(args.json, to_json(results))
     return 0
 
 
