@@ -12,6 +12,7 @@ expert's tokens have loss mask 1, everything else 0.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from ..engine.episode import Context, act, first_turn, record_images, settle
@@ -20,6 +21,8 @@ from ..env.episode import Episode
 from ..env.experts import Agent
 from ..env.images import ImageStore
 from ..env.task import Task
+
+log = logging.getLogger(__name__)
 
 
 async def expert_trajectory(ctx: Context, task: Task, agent: Agent, store: ImageStore, episode_id: str) -> Trajectory:
@@ -51,13 +54,13 @@ async def expert_trajectory(ctx: Context, task: Task, agent: Agent, store: Image
 
 async def expert_trajectories(ctx: Context, tasks: Sequence[Task], agent: Agent, store: ImageStore | None = None,
                               ) -> list[Trajectory]:
-    """The agent's episode on every task, in task order (tasks whose images fail are skipped:
-    there is nothing to clone)."""
+    """The agent's episode on every task, in task order. A task whose images cannot be read is
+    skipped with a warning naming it: there is nothing to clone."""
     store = store or ImageStore()
     out = []
     for i, task in enumerate(tasks):
         try:
             out.append(await expert_trajectory(ctx, task, agent, store, f"bc{i}"))
-        except (OSError, ValueError):
-            continue
+        except (OSError, ValueError) as err:
+            log.warning("behaviour cloning skips task %s: %s: %s", task.id, type(err).__name__, err)
     return out

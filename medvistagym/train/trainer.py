@@ -93,9 +93,10 @@ class GRPOTrainer:
         stats.update(self._staleness(samples, version))
         if samples:
             minis = _split(samples, self.config.updates_per_step)
-            old = self._old_logprobs(minis) if self.config.updates_per_step > 1 else [None] * len(minis)
-            for mini, mini_old in zip(minis, old):
-                stats.update(self._update(mini, mini_old))
+            packed = [self._pack(mini) for mini in minis]  # packed once: pi_old lines up with the updates
+            old = self._old_logprobs(packed) if len(minis) > 1 else [None] * len(minis)
+            for mini, micro, mini_old in zip(minis, packed, old):
+                stats.update(self._update(mini, micro, mini_old))
         self.step += 1
         stats["time/train_s"] = time.perf_counter() - start
         return stats
@@ -111,21 +112,16 @@ class GRPOTrainer:
             raise StaleTokens(f"a token {int(lag.max())} versions old reached the trainer (max_staleness {limit})")
         return {"staleness/max": float(lag.max()), "staleness/mean": float(lag.mean())}
 
-    def _old_logprobs(self, minis: list[list[Sample]]) -> list[list[torch.Tensor]]:
+    def _old_logprobs(self, packed: list[list[Packed]]) -> list[list[torch.Tensor]]:
         """pi_old for every micro-batch of every mini-batch, before any update."""
-        out = []
-        with torch.no_grad():
-            for mini in minis:
-                out.append([self._logprobs(self.model, mb) for mb in self._pack(mini)])
-        return out
+        return [[self._logprobs(self.model, mb) for mb in micro] for micro in packed]
 
     def _pack(self, samples: Sequence[Sample]) -> list[Packed]:
         rope = self.model.rope_index if self.model.vision else None
         return pack(samples, self.config.micro_batch_tokens, rope)
 
-    def _update(self, samples: list[Sample], old: list[torch.Tensor] | None) -> dict[str, float]:
+    def _update(self, samples: list[Sample], micro: list[Packed], old: list[torch.Tensor] | None) -> dict[str, float]:
         cfg, lc = self.config, self.config.loss
-        micro = self._pack(samples)
         norm = _normalizer(lc.loss_type, micro)
         longest = max(int(s.loss_mask.sum()) for s in samples)
         sums: dict[str, float] = {}
