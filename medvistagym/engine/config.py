@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..env.protocol import STOP_STRINGS
 from ..policy import SamplingParams
@@ -40,12 +41,16 @@ class EngineConfig:
     # Move everything alive when the engine starts (model, tokenizer, images) out of the garbage
     # collector's sight, as vLLM does: full collections then scan only rollout objects.
     freeze_gc: bool = True
+    # The collector's generation-0 threshold while the engine runs (process-wide; Python's default is
+    # 700): thousands of episodes keep many young objects alive, and each collection scans them all.
+    # None leaves it as it is.
+    gc_threshold: int | None = 50_000
 
     def __post_init__(self) -> None:
         positive = ("group_size", "max_episodes_in_flight", "max_tokens_in_flight", "max_pending_groups",
-                    "max_new_tokens", "max_episode_tokens", "tool_batch_max")
+                    "max_new_tokens", "max_episode_tokens", "tool_batch_max", "gc_threshold")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.failed_members not in FAILED_MEMBER_RULES:
             raise ValueError(f"failed_members must be one of {FAILED_MEMBER_RULES}, got {self.failed_members!r}")
@@ -53,9 +58,12 @@ class EngineConfig:
             raise ValueError("max_retries must be >= 0 and timeouts > 0")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError("max_staleness must be >= 0")
+        _ = self._sampling  # checks temperature, top_p and top_k now
 
     def sampling(self, max_new_tokens: int, seed: int) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_new_tokens=max_new_tokens,
-            stop=STOP_STRINGS, seed=seed,
-        )
+        return self._sampling.for_request(max_new_tokens, seed)
+
+    @cached_property
+    def _sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS)

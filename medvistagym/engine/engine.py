@@ -172,12 +172,16 @@ class RolloutEngine:
                 task.cancel()
         await asyncio.gather(*(t for t in [self._dispatcher, *self._groups] if t is not None), return_exceptions=True)
         self._dispatcher = None
+        self.ctx.watchdog.close()
 
     # -- admission ---------------------------------------------------------------------------
 
     def _start(self) -> None:
-        if self._dispatcher is None and self.config.freeze_gc:
-            gc.freeze()
+        if self._dispatcher is None:
+            if self.config.freeze_gc:
+                gc.freeze()
+            if self.config.gc_threshold is not None:
+                gc.set_threshold(self.config.gc_threshold, *gc.get_threshold()[1:])
         if self._dispatcher is None or self._dispatcher.done():
             self._pending = self._pending or asyncio.Queue(maxsize=self.config.max_pending_groups)
             self._done = self._done or asyncio.Queue()

@@ -10,6 +10,7 @@ timeout (the deadline, or a turn that kept timing out), or "error: <reason>".
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -20,10 +21,11 @@ from ..env.config import EnvConfig
 from ..env.episode import Episode, Observation
 from ..env.scoring import score
 from ..env.views import View
-from ..policy import Completion, GenerateRequest, ImageInputs, Policy, PolicyError, expand_image_tokens
+from ..policy import Completion, GenerateRequest, ImageInputs, Policy, PolicyError, expand_placeholders
 from .config import EngineConfig
 from .tools import Rendered, ToolExecutor
-from .trajectory import ImageRecord, ToolCallRecord, Trajectory, TurnRecord
+from .trajectory import ImageRecord, SequenceBuilder, ToolCallRecord, Trajectory, TurnRecord
+from .watchdog import Watchdog
 
 VISION_MARK = "<|vision_start|><|image_pad|><|vision_end|>"
 T = TypeVar("T")
@@ -55,6 +57,7 @@ class Context:
         self.image_token_id = self.policy.image_token_id or tok.convert_tokens_to_ids("<|image_pad|>")
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self._system_turns: dict[str, tuple[str, list[int]]] = {}
+        self.watchdog = Watchdog(min(self.config.turn_timeout_s, self.config.episode_deadline_s))
 
     def encode(self, text: str) -> list[int]:
         start = time.thread_time()
@@ -77,8 +80,7 @@ class Context:
     def expand(self, ids: list[int], rendered: Rendered) -> list[int]:
         if not rendered.pixels:
             return ids
-        images = ImageInputs(rendered.pixel_values, rendered.grid_thw, rendered.pixels)
-        return expand_image_tokens(ids, images, self.image_token_id, self.policy.merge_size)
+        return expand_placeholders(ids, rendered.token_counts(self.policy.merge_size), self.image_token_id)
 
     def observation_ids(self, last_token: int, text: str, rendered: Rendered) -> list[int]:
         """Close the assistant turn, the observation as a user turn, open the next assistant turn."""
@@ -177,33 +179,52 @@ def act(ctx: Context, episode: Episode, text: str, turn: TurnRecord) -> Observat
 
 
 class EpisodeRunner:
+    """One episode as a coroutine (`run`). The engine's watchdog bounds it: `deadline` is the
+    episode's deadline, or the current turn's when that falls sooner, and `expire` cancels the
+    episode's task, saying which of the two passed in `expired`."""
+
     def __init__(self, ctx: Context, episode: Episode, trajectory: Trajectory, seed: int) -> None:
         self.ctx, self.episode, self.traj, self.seed = ctx, episode, trajectory, seed
+        self.sequence = SequenceBuilder(trajectory)
         self.images = ImageHistory()
+        self.deadline = math.inf
+        self.expired: str | None = None  # "turn" or "episode" while its cancellation is on its way
+        self._episode_deadline = math.inf
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def expire(self) -> None:
+        self.expired = "episode" if self._loop.time() >= self._episode_deadline else "turn"
+        self._task.cancel()
 
     def _grow(self, ids: list[int], **kwargs: Any) -> None:
-        self.traj.append(ids, **kwargs)
+        self.sequence.add(ids, **kwargs)
         self.ctx.tokens_in_flight[0] += len(ids)
 
     async def run(self, first: FirstTurn) -> Trajectory:
-        traj, cfg = self.traj, self.ctx.config
+        traj, cfg, watchdog = self.traj, self.ctx.config, self.ctx.watchdog
         traj.started_s = time.time()
+        self._task, self._loop = asyncio.current_task(), asyncio.get_running_loop()
         try:
             self._grow(first.prompt_ids)
             traj.prompt_length = len(first.prompt_ids)
             self._add_images(first.rendered, first.views, turn=0)
-            async with asyncio.timeout(cfg.episode_deadline_s):
-                await self._turns()
-        except (TimeoutError, TurnTimeout):
+            self._episode_deadline = self.deadline = self._loop.time() + cfg.episode_deadline_s
+            watchdog.watch(self)
+            await self._turns()
+        except TurnTimeout:
             traj.status = "timeout"
         except PolicyError as err:
             traj.status = f"error: policy: {err}"
         except asyncio.CancelledError:
-            traj.status = "error: cancelled"
-            raise
+            if self.expired != "episode" or self._task.uncancel():
+                traj.status = "error: cancelled"
+                raise
+            traj.status = "timeout"
         except Exception as err:  # a bug must cost one episode, not the engine
             traj.status = f"error: engine: {type(err).__name__}: {err}"
         finally:
+            watchdog.forget(self)
             self._finish()
         return traj
 
@@ -217,7 +238,7 @@ class EpisodeRunner:
             sampled = await self._sample(min(cfg.max_new_tokens, budget))
             done = sampled.done
             start = len(self.traj.token_ids)
-            self._grow(done.token_ids, logprobs=done.logprobs, version=done.versions)
+            self._grow(done.token_ids, logprobs=done.logprobs, versions=done.versions)
             text = self.ctx.decode(done.token_ids)
             turn = TurnRecord(text, done.finish_reason, len(done.token_ids), start, sampled.seconds,
                               retries=sampled.retries)
@@ -243,17 +264,23 @@ class EpisodeRunner:
         for attempt in range(cfg.max_retries + 1):
             rid = f"{self.traj.episode_id}:t{turn}:a{attempt}"
             request = GenerateRequest(rid, list(self.traj.token_ids), sampling, images)
+            self.deadline = min(self._episode_deadline, self._loop.time() + cfg.turn_timeout_s)
             try:
-                async with asyncio.timeout(cfg.turn_timeout_s):
-                    done = await policy.complete(request)  # the turn at once: no wake-up per chunk
+                done = await policy.complete(request)  # the turn at once: no wake-up per chunk
                 return _Sampled(done, attempt, time.perf_counter() - start)
-            except TimeoutError:
+            except asyncio.CancelledError:
+                if self.expired != "turn" or self._task.uncancel():
+                    raise
+                self.expired = None
                 await policy.abort(rid)
                 if attempt == cfg.max_retries:
                     raise TurnTimeout(f"turn {turn} timed out {attempt + 1} times") from None
             except PolicyError as err:
                 if not err.retryable or attempt == cfg.max_retries:
                     raise
+            finally:
+                if self.expired is None:
+                    self.deadline = self._episode_deadline
             await asyncio.sleep(cfg.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -263,6 +290,7 @@ class EpisodeRunner:
 
     def _finish(self) -> None:
         self.ctx.tokens_in_flight[0] -= len(self.traj.token_ids)
+        self.sequence.seal()
         settle(self.ctx, self.episode, self.traj)
 
 

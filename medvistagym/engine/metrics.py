@@ -38,10 +38,11 @@ class Metrics:
     def finished(self, traj: Trajectory) -> None:
         self.episodes_finished += 1
         self.statuses[failure_kind(traj.status)] += 1
-        self.model_tokens += traj.model_tokens
         self.turns += len(traj.turns)
-        self.tool_calls += sum(len(t.tool_calls) for t in traj.turns)
-        self.retries += sum(t.retries for t in traj.turns)
+        for turn in traj.turns:  # per turn, not per token
+            self.model_tokens += turn.new_tokens
+            self.tool_calls += len(turn.tool_calls)
+            self.retries += turn.retries
 
     def group(self, dropped: str | None) -> None:
         self.groups_done += 1

@@ -33,6 +33,10 @@ class Rendered:
     pixel_values: torch.Tensor | None
     grid_thw: torch.Tensor
 
+    def token_counts(self, merge_size: int) -> list[int]:
+        """Placeholder tokens each image takes in the prompt (`ImageInputs.num_tokens`)."""
+        return [t * h * w // (merge_size * merge_size) for t, h, w in self.grid_thw.tolist()]
+
 
 def _view_key(view: View) -> tuple:
     return (view.image.key, view.region, view.grid, view.orientation, view.window, view.contrast)

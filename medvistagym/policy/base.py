@@ -60,6 +60,15 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
+    def for_request(self, max_new_tokens: int, seed: int | None) -> "SamplingParams":
+        """A copy with another length limit and seed, what an engine changes per request,
+        without checking the other fields again (a tenth of the cost of a new instance)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        params = object.__new__(SamplingParams)
+        params.__dict__.update(self.__dict__, max_new_tokens=max_new_tokens, seed=seed)
+        return params
+
 
 @dataclass
 class ImageInputs:
@@ -138,7 +147,11 @@ class Completion:
 def expand_image_tokens(token_ids: list[int], images: ImageInputs, image_token_id: int, merge_size: int = 2) -> list[int]:
     """Repeat each image's single placeholder token to its number of patch tokens, as the
     Qwen-VL processors do; the k-th placeholder belongs to image k."""
-    counts = images.num_tokens(merge_size)
+    return expand_placeholders(token_ids, images.num_tokens(merge_size), image_token_id)
+
+
+def expand_placeholders(token_ids: list[int], counts: list[int], image_token_id: int) -> list[int]:
+    """`expand_image_tokens` given each image's token count."""
     out: list[int] = []
     start = 0
     for k, count in enumerate(counts):  # list.index scans in C: prompts run to thousands of tokens

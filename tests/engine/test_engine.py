@@ -93,6 +93,32 @@ def test_faults_are_retried_counted_and_nothing_is_lost(tasks):
         assert all(t.status == "timeout" or t.status.startswith("error: policy") for t in failed)
 
 
+def test_episode_deadline_and_close_end_every_episode(tasks):
+    """The watchdog's episode deadline ends episodes as `timeout` (their requests aborted);
+    `close()` ends those in flight as cancelled; both deliver every group."""
+    async def deadline():
+        policy = build_policy("sim", latency={"time_scale": 1.0})  # a turn takes >= 70 ms
+        engine = RolloutEngine(policy, EnvConfig(), EngineConfig(group_size=2, episode_deadline_s=0.05))
+        groups = await engine.generate(tasks[:2])
+        return groups, engine.metrics.snapshot(engine), policy.num_running + policy.num_waiting
+
+    groups, m, left = run(deadline())
+    assert statuses(groups) == Counter(timeout=4) and left == 0
+    assert [g.dropped for g in groups] == ["failed members"] * 2
+    assert m["status/timeout"] == 4 and m["in_flight/episodes"] == 0
+
+    async def close():
+        engine = RolloutEngine(build_policy("sim", latency={"time_scale": 1.0}), EnvConfig(), EngineConfig(group_size=2))
+        await engine.submit(tasks[:2])
+        await asyncio.sleep(0.2)
+        await engine.close()
+        groups = [await engine.next_group() for _ in range(2)]
+        await engine.close()
+        return groups
+
+    assert statuses(run(close())) == Counter(error=4)
+
+
 def test_admission_limits_and_pause(tasks):
     async def main():
         policy = build_policy("sim", latency={"time_scale": 0.01})
