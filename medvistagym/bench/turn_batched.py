@@ -23,8 +23,8 @@ from PIL import Image
 
 from ..engine.config import EngineConfig
 from ..engine.engine import episode_seed
-from ..engine.episode import Context, ImageHistory, act, record_images, settle
-from ..engine.tools import Rendered
+from ..engine.episode import Context, act, record_images, settle
+from ..engine.tools import Rendered, join_images
 from ..engine.trajectory import Trajectory, TurnRecord
 from ..env.config import EnvConfig
 from ..env.episode import Episode
@@ -32,7 +32,7 @@ from ..env.images import ImageStore
 from ..env.task import Task
 from ..env.views import View, show
 from ..kernels import PRESETS, patchify
-from ..policy import Completion, GenerateRequest, Policy
+from ..policy import Completion, GenerateRequest, ImageInputs, Policy
 
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -81,7 +81,7 @@ class _Member:
 
     def __init__(self, ctx: Context, tools: PilTools, episode: Episode, traj: Trajectory, seed: int) -> None:
         self.ctx, self.tools, self.episode, self.traj, self.seed = ctx, tools, episode, traj, seed
-        self.images = ImageHistory()
+        self.images: ImageInputs | None = None  # the next request's model input
 
     def start(self) -> None:
         observation = self.ctx.env_step(self.episode.start)
@@ -89,7 +89,7 @@ class _Member:
         prompt = self.ctx.prompt_ids(self.episode, rendered)
         self.traj.append(prompt)
         self.traj.prompt_length = len(prompt)
-        self.images.add(rendered)
+        self.images = join_images(self.images, rendered)
         record_images(self.traj, self.episode, rendered, observation.views, 0)
 
     def request(self) -> GenerateRequest | None:
@@ -102,7 +102,7 @@ class _Member:
         turn = len(self.traj.turns)
         sampling = cfg.sampling(min(cfg.max_new_tokens, budget), self.seed + 1000003 * turn)
         return GenerateRequest(f"{self.traj.episode_id}:t{turn}", list(self.traj.token_ids), sampling,
-                               self.images.inputs())
+                               self.images)
 
     def step(self, done: Completion) -> None:
         """Parse the turn, run its tools with PIL, append the observation."""
@@ -115,7 +115,7 @@ class _Member:
         if self.episode.done:
             return
         rendered = self.tools.render(observation.views)
-        self.images.add(rendered)
+        self.images = join_images(self.images, rendered)
         record_images(self.traj, self.episode, rendered, observation.views, len(self.traj.turns))
         self.traj.append(self.ctx.observation_ids(tokens[-1] if tokens else -1, observation.text, rendered))
         turn.observation = observation.text

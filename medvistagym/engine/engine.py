@@ -30,7 +30,7 @@ from ..env.images import ImageStore
 from ..env.task import Task
 from ..policy import Policy
 from .config import EngineConfig
-from .episode import Context, EpisodeRunner, first_turn
+from .episode import Context, EpisodeRunner, FirstTurn, first_turn
 from .metrics import Metrics
 from .tools import ToolExecutor
 from .trajectory import Trajectory
@@ -48,6 +48,16 @@ class Group:
     trajectories: list[Trajectory]
     kept: list[Trajectory] = field(default_factory=list)
     dropped: str | None = None
+
+
+@dataclass
+class _GroupRun:
+    """A group whose episodes run: the last to end hands the group out."""
+
+    group_id: str
+    task: Task
+    trajectories: list[Trajectory]
+    left: int
 
 
 def episode_seed(seed: int, group_id: str, sample: int) -> int:
@@ -83,7 +93,7 @@ class RolloutEngine:
         self._admit = asyncio.Event()
         self._paused = False
         self._dispatcher: asyncio.Task | None = None
-        self._groups: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._in_flight = 0  # episodes
         self._outstanding = 0  # groups submitted and not yet handed out
 
@@ -167,10 +177,10 @@ class RolloutEngine:
 
     async def close(self) -> None:
         """Cancel everything; groups in flight end with cancelled episodes (still delivered)."""
-        for task in [self._dispatcher, *self._groups]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in [self._dispatcher, *self._groups] if t is not None), return_exceptions=True)
+        tasks = [t for t in (self._dispatcher, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._dispatcher = None
         self.ctx.watchdog.close()
 
@@ -204,9 +214,12 @@ class RolloutEngine:
                 await self._admit.wait()
             self._in_flight += n
             self.metrics.started(n)
-            runner = asyncio.get_running_loop().create_task(self._run_group(group_id, task, n))
-            self._groups.add(runner)
-            runner.add_done_callback(self._groups.discard)
+            self._track(asyncio.get_running_loop().create_task(self._run_group(group_id, task, n)))
+
+    def _track(self, task: asyncio.Task) -> None:
+        """Group starters and episodes, for close() to cancel."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -229,22 +242,22 @@ class RolloutEngine:
             self._fail(trajectories, f"error: task: {type(err).__name__}: {err}")
             self._complete(group_id, task, trajectories)
             return
-        runners = [
-            EpisodeRunner(self.ctx, ep, traj, episode_seed(self.config.seed, group_id, i))
-            for i, (ep, traj) in enumerate(zip(episodes, trajectories))
-        ]
-        try:
-            await asyncio.gather(*(self._episode(r, first) for r in runners))
-        finally:
-            self._complete(group_id, task, trajectories)
+        runs = _GroupRun(group_id, task, trajectories, left=n)
+        loop = asyncio.get_running_loop()
+        for i, (ep, traj) in enumerate(zip(episodes, trajectories)):
+            runner = EpisodeRunner(self.ctx, ep, traj, episode_seed(self.config.seed, group_id, i))
+            self._track(loop.create_task(self._episode(runner, first, runs)))
 
-    async def _episode(self, runner: EpisodeRunner, first) -> None:
+    async def _episode(self, runner: EpisodeRunner, first: FirstTurn, runs: _GroupRun) -> None:
         try:
             await runner.run(first)
         finally:
             self._in_flight -= 1
             self.metrics.finished(runner.traj)
             self._admit.set()
+            runs.left -= 1
+            if not runs.left:
+                self._complete(runs.group_id, runs.task, runs.trajectories)
 
     def _fail(self, trajectories: list[Trajectory], status: str) -> None:
         for traj in trajectories:

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-import torch
 
 from ..env.config import EnvConfig
 from ..env.episode import Episode, Observation
@@ -68,6 +67,13 @@ class Context:
         finally:
             self.tokenizer_cpu_s += time.thread_time() - start
 
+    def chat_template(self, messages: list[dict], **kwargs: Any) -> str:
+        start = time.thread_time()
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        finally:
+            self.tokenizer_cpu_s += time.thread_time() - start
+
     def decode(self, ids: list[int]) -> str:
         start = time.thread_time()
         try:
@@ -94,7 +100,7 @@ class Context:
         turn (tool schemas: ~1k tokens, 90% of the encoding) is encoded once per distinct text;
         special tokens bound it, so encoding the rest alone gives the same ids."""
         messages = episode.messages
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.chat_template(messages, add_generation_prompt=True)
         head = self._system_turn(messages[0]) if messages[0]["role"] == "system" else None
         if head is not None and text.startswith(head[0]):
             ids = head[1] + self.encode(text[len(head[0]):])
@@ -106,7 +112,7 @@ class Context:
         content = message["content"]
         key = content if isinstance(content, str) else repr(content)
         if key not in self._system_turns:
-            text = self.tokenizer.apply_chat_template([message], tokenize=False)
+            text = self.chat_template([message])
             self._system_turns[key] = (text, self.encode(text))
         return self._system_turns[key]
 
@@ -131,32 +137,6 @@ class FirstTurn:
 async def first_turn(ctx: Context, episode: Episode, views: tuple[View, ...]) -> FirstTurn:
     rendered = await ctx.executor.render(views)
     return FirstTurn(ctx.prompt_ids(episode, rendered), rendered, views)
-
-
-class ImageHistory:
-    """The images of an episode so far, as the next request's model input (rebuilt only after
-    images were added: most turns reuse the last one)."""
-
-    def __init__(self) -> None:
-        self.parts: list[Rendered] = []
-        self._inputs: ImageInputs | None = None
-
-    def add(self, rendered: Rendered) -> None:
-        if rendered.pixels:
-            self.parts.append(rendered)
-            self._inputs = None
-
-    def inputs(self) -> ImageInputs | None:
-        if self._inputs is None and self.parts:
-            parts = self.parts
-            patches = None if parts[0].pixel_values is None else _cat([p.pixel_values for p in parts])
-            display = [pixels for p in parts for pixels in p.pixels]
-            self._inputs = ImageInputs(patches, _cat([p.grid_thw for p in parts]), display)
-        return self._inputs
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 @dataclass
@@ -186,7 +166,7 @@ class EpisodeRunner:
     def __init__(self, ctx: Context, episode: Episode, trajectory: Trajectory, seed: int) -> None:
         self.ctx, self.episode, self.traj, self.seed = ctx, episode, trajectory, seed
         self.sequence = SequenceBuilder(trajectory)
-        self.images = ImageHistory()
+        self.images: ImageInputs | None = None  # the next request's model input
         self.deadline = math.inf
         self.expired: str | None = None  # "turn" or "episode" while its cancellation is on its way
         self._episode_deadline = math.inf
@@ -247,7 +227,7 @@ class EpisodeRunner:
             if ep.done:
                 return
             start = time.perf_counter()
-            rendered = await self.ctx.executor.render(observation.views)
+            rendered = await self.ctx.executor.render(observation.views, self.images)
             turn.tool_s = time.perf_counter() - start
             self._add_images(rendered, observation.views, turn=len(self.traj.turns))
             last = done.token_ids[-1] if done.token_ids else -1
@@ -258,7 +238,7 @@ class EpisodeRunner:
         """One turn from the policy, retrying retryable errors and timeouts with backoff."""
         cfg, policy = self.ctx.config, self.ctx.policy
         turn = len(self.traj.turns)
-        images = self.images.inputs()
+        images = self.images
         sampling = cfg.sampling(max_new, self.seed + 1000003 * turn)
         start = time.perf_counter()
         for attempt in range(cfg.max_retries + 1):
@@ -285,7 +265,7 @@ class EpisodeRunner:
         raise AssertionError("unreachable")
 
     def _add_images(self, rendered: Rendered, views: tuple[View, ...], turn: int) -> None:
-        self.images.add(rendered)
+        self.images = rendered.inputs
         record_images(self.traj, self.episode, rendered, views, turn)
 
     def _finish(self) -> None:

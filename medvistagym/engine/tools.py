@@ -22,6 +22,7 @@ import torch
 
 from ..env.views import View, render_views
 from ..kernels import PRESETS, patchify
+from ..policy import ImageInputs
 
 
 @dataclass
@@ -32,10 +33,23 @@ class Rendered:
     pixels: list[torch.Tensor]
     pixel_values: torch.Tensor | None
     grid_thw: torch.Tensor
+    # The episode's images so far with these last: its next request's model input (`join_images`
+    # of the history the request came with; the ToolExecutor joins them on its thread).
+    inputs: ImageInputs | None = None
 
     def token_counts(self, merge_size: int) -> list[int]:
         """Placeholder tokens each image takes in the prompt (`ImageInputs.num_tokens`)."""
         return [t * h * w // (merge_size * merge_size) for t, h, w in self.grid_thw.tolist()]
+
+
+def join_images(history: ImageInputs | None, rendered: Rendered) -> ImageInputs | None:
+    """An episode's model input after `rendered`: its images so far (`history`), these last."""
+    if not rendered.pixels:
+        return history
+    if history is None:
+        return ImageInputs(rendered.pixel_values, rendered.grid_thw, list(rendered.pixels))
+    patches = None if rendered.pixel_values is None else torch.cat([history.pixel_values, rendered.pixel_values])
+    return ImageInputs(patches, torch.cat([history.grid_thw, rendered.grid_thw]), history.display + rendered.pixels)
 
 
 def _view_key(view: View) -> tuple:
@@ -47,13 +61,16 @@ def _rgb(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.expand(3, -1, -1).contiguous() if pixels.shape[0] == 1 else pixels
 
 
+_Request = tuple[Sequence[View], ImageInputs | None, asyncio.Future]  # views, history, result
+
+
 class ToolExecutor:
     def __init__(self, vision: str, *, window_s: float = 0.002, max_views: int = 512, mode: str = "bicubic",
                  patches: bool = True) -> None:
         """`patches=False` skips patchify (the policy takes the shown images); grids still follow `vision`."""
         self.vision, self.window_s, self.max_views, self.mode = vision, window_s, max_views, mode
         self.patches, self.patch_size = patches, PRESETS[vision].patch_size
-        self._pending: list[tuple[Sequence[View], asyncio.Future]] = []
+        self._pending: list[_Request] = []
         self._pending_views = 0
         self._timer: asyncio.TimerHandle | None = None
         self._lock: asyncio.Lock | None = None
@@ -66,11 +83,12 @@ class ToolExecutor:
         self.render_cpu_s = 0.0  # CPU time of the rendering thread (what a GPU would take over)
         self.failures = 0
 
-    async def render(self, views: Sequence[View]) -> Rendered:
-        """The pixels and patches of `views`; raises what rendering them raised."""
+    async def render(self, views: Sequence[View], history: ImageInputs | None = None) -> Rendered:
+        """The pixels and patches of `views`, and (`inputs`) the model input of `history` and
+        them; raises what rendering them raised."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((views, future))
+        self._pending.append((views, history, future))
         self._pending_views += len(views)
         if self._pending_views >= self.max_views:
             self._flush()
@@ -86,7 +104,7 @@ class ToolExecutor:
         if batch:
             asyncio.get_running_loop().create_task(self._run(batch))
 
-    async def _run(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> None:
+    async def _run(self, batch: list[_Request]) -> None:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
@@ -103,7 +121,7 @@ class ToolExecutor:
                         results.append(err)
             self.render_s += time.perf_counter() - start
             self.batches += 1
-        for (_, future), result in zip(batch, results):
+        for (_, _, future), result in zip(batch, results):
             if future.done():  # its episode was cancelled meanwhile
                 continue
             if isinstance(result, BaseException):
@@ -111,18 +129,18 @@ class ToolExecutor:
             else:
                 future.set_result(result)
 
-    def _render_batch(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> list[Rendered]:
+    def _render_batch(self, batch: list[_Request]) -> list[Rendered]:
         start = time.thread_time()
         try:
             return self._render_unique(batch)
         finally:
             self.render_cpu_s += time.thread_time() - start
 
-    def _render_unique(self, batch: list[tuple[Sequence[View], asyncio.Future]]) -> list[Rendered]:
+    def _render_unique(self, batch: list[_Request]) -> list[Rendered]:
         unique: dict[tuple, int] = {}
         order: list[View] = []
         slots: list[list[int]] = []
-        for views, _ in batch:
+        for views, _, _ in batch:
             row = []
             for view in views:
                 key = _view_key(view)
@@ -134,9 +152,12 @@ class ToolExecutor:
         pixels = [_rgb(p) for p in render_views(order, self.mode)] if order else []
         patches = patchify(pixels, self.vision) if pixels and self.patches else None
         self.requests += len(batch)
-        self.views += sum(len(v) for v, _ in batch)
+        self.views += sum(len(v) for v, _, _ in batch)
         self.unique_views += len(order)
-        return [self._pick(row, pixels, patches) for row in slots]
+        out = [self._pick(row, pixels, patches) for row in slots]
+        for rendered, (_, history, _) in zip(out, batch):
+            rendered.inputs = join_images(history, rendered)
+        return out
 
     def _pick(self, row: list[int], pixels: list[torch.Tensor], patches) -> Rendered:
         if not row:

@@ -18,7 +18,7 @@ import torch
 STATUSES = ("ok", "truncated", "timeout", "error")  # "error: <reason>" carries its reason
 
 
-@dataclass
+@dataclass(slots=True)  # one object for the collector to scan, not two
 class ImageRecord:
     """One image in the model's context."""
 
@@ -30,7 +30,7 @@ class ImageRecord:
     caption: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class ToolCallRecord:
     name: str
     arguments: dict
@@ -38,7 +38,7 @@ class ToolCallRecord:
     error: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class TurnRecord:
     text: str  # what the model wrote
     finish_reason: str  # from the policy: stop, length, abort
