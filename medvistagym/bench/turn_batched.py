@@ -101,7 +101,7 @@ class _Member:
             return None
         turn = len(self.traj.turns)
         sampling = cfg.sampling(min(cfg.max_new_tokens, budget), self.seed + 1000003 * turn)
-        return GenerateRequest(f"{self.traj.episode_id}:t{turn}", list(self.traj.token_ids), sampling,
+        return GenerateRequest(f"{self.traj.episode_id}:t{turn}", self.traj.token_ids, sampling,
                                self.images)
 
     def step(self, done: Completion) -> None:

@@ -243,7 +243,7 @@ class EpisodeRunner:
         start = time.perf_counter()
         for attempt in range(cfg.max_retries + 1):
             rid = f"{self.traj.episode_id}:t{turn}:a{attempt}"
-            request = GenerateRequest(rid, list(self.traj.token_ids), sampling, images)
+            request = GenerateRequest(rid, self.traj.token_ids, sampling, images)  # lent: grows between turns only
             self.deadline = min(self._episode_deadline, self._loop.time() + cfg.turn_timeout_s)
             try:
                 done = await policy.complete(request)  # the turn at once: no wake-up per chunk

@@ -109,6 +109,10 @@ class ImageInputs:
 
 @dataclass
 class GenerateRequest:
+    """One request. `prompt_token_ids` is lent, not given: the caller leaves it unchanged until
+    the request ends (the rollout engine passes an episode's live sequence, which grows only
+    between its turns), and a back end copies it if it keeps it any longer."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -126,6 +126,8 @@ class TransformersPolicy(Policy):
         self._validate(request)
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
+        # Our own prompt: an aborted sequence may sit in the batch until the next step, past its request.
+        request = replace(request, prompt_token_ids=list(request.prompt_token_ids))
         seq = _Seq(request, StopChecker(self._tokenizer, request.sampling, self._eos), self._seeded(request))
         self._requests[request.request_id] = seq
         self._waiting.append(seq)
