@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-
 from ..env.config import EnvConfig
 from ..env.episode import Episode, Observation
 from ..env.scoring import score
 from ..env.views import View
-from ..policy import Completion, GenerateRequest, ImageInputs, Policy, PolicyError, expand_placeholders
+from ..policy import (
+    Completion, GenerateRequest, ImageInputs, Policy, PolicyError, expand_placeholders, placeholder_counts,
+)
 from .config import EngineConfig
 from .tools import Rendered, ToolExecutor
 from .trajectory import ImageRecord, SequenceBuilder, ToolCallRecord, Trajectory, TurnRecord
@@ -86,7 +87,8 @@ class Context:
     def expand(self, ids: list[int], rendered: Rendered) -> list[int]:
         if not rendered.pixels:
             return ids
-        return expand_placeholders(ids, rendered.token_counts(self.policy.merge_size), self.image_token_id)
+        counts = placeholder_counts(rendered.grid_thw, self.policy.merge_size)
+        return expand_placeholders(ids, counts, self.image_token_id)
 
     def observation_ids(self, last_token: int, text: str, rendered: Rendered) -> list[int]:
         """Close the assistant turn, the observation as a user turn, open the next assistant turn."""

@@ -37,10 +37,6 @@ class Rendered:
     # of the history the request came with; the ToolExecutor joins them on its thread).
     inputs: ImageInputs | None = None
 
-    def token_counts(self, merge_size: int) -> list[int]:
-        """Placeholder tokens each image takes in the prompt (`ImageInputs.num_tokens`)."""
-        return [t * h * w // (merge_size * merge_size) for t, h, w in self.grid_thw.tolist()]
-
 
 def join_images(history: ImageInputs | None, rendered: Rendered) -> ImageInputs | None:
     """An episode's model input after `rendered`: its images so far (`history`), these last."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from .base import (
     Chunk, Completion, GenerateRequest, ImageInputs, Policy, PolicyError, SamplingParams, Weights, expand_image_tokens,
-    expand_placeholders,
+    expand_placeholders, placeholder_counts,
 )
 
 KINDS = ("transformers", "vllm", "openai", "sim")
@@ -36,5 +36,5 @@ def build_policy(kind: str, **config: Any) -> Policy:
 
 __all__ = [
     "KINDS", "Chunk", "Completion", "GenerateRequest", "ImageInputs", "Policy", "PolicyError", "SamplingParams", "Weights",
-    "build_policy", "expand_image_tokens", "expand_placeholders",
+    "build_policy", "expand_image_tokens", "expand_placeholders", "placeholder_counts",
 ]

@@ -104,7 +104,12 @@ class ImageInputs:
 
     def num_tokens(self, merge_size: int = 2) -> list[int]:
         """Placeholder tokens each image takes in the prompt."""
-        return [t * h * w // (merge_size * merge_size) for t, h, w in self.grid_thw.tolist()]
+        return placeholder_counts(self.grid_thw, merge_size)
+
+
+def placeholder_counts(grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
+    """Placeholder tokens each image of (n, 3) patch grids takes in the prompt."""
+    return [t * h * w // (merge_size * merge_size) for t, h, w in grid_thw.tolist()]
 
 
 @dataclass

@@ -19,7 +19,7 @@ def test_sequence_builder_writes_the_same_lists_as_append() -> None:
         else:
             eager.append(ids, logprobs=logprobs, version=versions)
         builder.add(ids, logprobs=logprobs, versions=versions)
-    assert len(builder) == 7 and lazy.token_ids == eager.token_ids and lazy.loss_mask == []  # not yet sealed
+    assert len(lazy.token_ids) == 7 and lazy.token_ids == eager.token_ids and lazy.loss_mask == []  # not yet sealed
     builder.seal()
     assert (lazy.loss_mask, lazy.logprobs, lazy.versions) == (eager.loss_mask, eager.logprobs, eager.versions)
     assert lazy.loss_mask == [0, 0, 0, 1, 1, 0, 1] and lazy.oldest_version() == 0
