@@ -10,6 +10,8 @@ from typing import Callable
 
 import pytest
 
+from vllm_cases import MAX_MODEL_LEN
+
 
 def _vllm_installed() -> bool:
     spec = importlib.util.find_spec("vllm")
@@ -23,7 +25,6 @@ if not _vllm_installed():
 # fixed 256 MiB KV cache rather than a share of RAM (vLLM's CPU default), so the tests do not
 # depend on free memory.
 KV_CACHE_BYTES = 256 * 2**20
-MAX_MODEL_LEN = 1024
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,9 @@ import asyncio
 
 import pytest
 
-from vllm_cases import abort_after_three, check_stop_string, check_weight_update, output, request
+from vllm_cases import (
+    LONG_NEW_TOKENS, MAX_MODEL_LEN, abort_after_three, check_stop_string, check_weight_update, output, request,
+)
 
 from medvistagym.policy import Chunk, PolicyError, build_policy
 
@@ -94,13 +96,14 @@ def test_abort_ends_the_stream_and_the_request(policy, prompt, run):
     chunks = run(abort_after_three(policy, prompt))
     run(asyncio.sleep(0.5))
     assert chunks[-1] == Chunk([], [], 0, "abort")
-    assert len(output(chunks)) < 900
+    assert len(output(chunks)) < LONG_NEW_TOKENS
     assert policy._engine.get_num_unfinished_requests() == 0
 
 
 def test_closing_the_stream_early_cancels_the_request(policy, prompt, run):
     async def take_two() -> list[Chunk]:
-        stream = policy.generate(request("early", prompt, temperature=0, max_new_tokens=900, ignore_eos=True))
+        long = request("early", prompt, temperature=0, max_new_tokens=LONG_NEW_TOKENS, ignore_eos=True)
+        stream = policy.generate(long)
         first = [await anext(stream), await anext(stream)]
         await stream.aclose()
         await asyncio.sleep(0.5)
@@ -112,11 +115,11 @@ def test_closing_the_stream_early_cancels_the_request(policy, prompt, run):
 
 def test_bad_requests_fail_without_retry(policy, prompt, complete, run):
     with pytest.raises(PolicyError) as too_long:
-        complete(policy, request("too-long", prompt * 200, max_new_tokens=4))
+        complete(policy, request("too-long", prompt * (MAX_MODEL_LEN // len(prompt) + 1), max_new_tokens=4))
     assert not too_long.value.retryable
 
     async def same_id_twice() -> None:
-        first = policy.generate(request("dup", prompt, temperature=0, max_new_tokens=900, ignore_eos=True))
+        first = policy.generate(request("dup", prompt, temperature=0, max_new_tokens=LONG_NEW_TOKENS, ignore_eos=True))
         await anext(first)
         try:
             await anext(policy.generate(request("dup", prompt, max_new_tokens=4)))
@@ -136,14 +139,15 @@ def test_sleep_aborts_requests_in_flight_and_wake_up_resumes(policy, prompt, com
 
     async def sleep_during_stream() -> list[Chunk]:
         got = []
-        async for chunk in policy.generate(request("asleep", prompt, temperature=0, max_new_tokens=900, ignore_eos=True)):
+        long = request("asleep", prompt, temperature=0, max_new_tokens=LONG_NEW_TOKENS, ignore_eos=True)
+        async for chunk in policy.generate(long):
             got.append(chunk)
             if len(got) == 2:
                 await policy.sleep(1)
         return got
 
     chunks = run(sleep_during_stream())
-    assert chunks[-1].finish_reason == "abort" and len(output(chunks)) < 900
+    assert chunks[-1].finish_reason == "abort" and len(output(chunks)) < LONG_NEW_TOKENS
     run(policy.wake_up())
     assert output(complete(policy, request("w2", prompt, **greedy))) == before
 
@@ -154,7 +158,7 @@ def test_sleep_aborts_requests_in_flight_and_wake_up_resumes(policy, prompt, com
 
 def test_update_weights_moves_requests_in_flight_and_new_ones(policy, prompt, run, complete, reference, text_model_dirs,
                                                              update_in_flight):
-    check_weight_update(policy, prompt, run, complete, reference, text_model_dirs, update_in_flight, max_new=960)
+    check_weight_update(policy, prompt, run, complete, reference, text_model_dirs, update_in_flight)
 
 
 def test_partial_update_and_update_from_pairs(policy, prompt, run, complete, reference, text_model_dirs):
