@@ -24,7 +24,7 @@ from ..policy import (
 )
 from .config import EngineConfig
 from .tools import Rendered, ToolExecutor
-from .trajectory import ImageRecord, SequenceBuilder, ToolCallRecord, Trajectory, TurnRecord
+from .trajectory import ImageRecord, ToolCallRecord, Trajectory, TurnRecord
 from .watchdog import Watchdog
 
 VISION_MARK = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -87,7 +87,7 @@ class Context:
     def expand(self, ids: list[int], rendered: Rendered) -> list[int]:
         if not rendered.pixels:
             return ids
-        counts = placeholder_counts(rendered.grid_thw, self.policy.merge_size)
+        counts = placeholder_counts(rendered.grid, self.policy.merge_size)
         return expand_placeholders(ids, counts, self.image_token_id)
 
     def observation_ids(self, last_token: int, text: str, rendered: Rendered) -> list[int]:
@@ -167,7 +167,6 @@ class EpisodeRunner:
 
     def __init__(self, ctx: Context, episode: Episode, trajectory: Trajectory, seed: int) -> None:
         self.ctx, self.episode, self.traj, self.seed = ctx, episode, trajectory, seed
-        self.sequence = SequenceBuilder(trajectory)
         self.images: ImageInputs | None = None  # the next request's model input
         self.deadline = math.inf
         self.expired: str | None = None  # "turn" or "episode" while its cancellation is on its way
@@ -180,7 +179,7 @@ class EpisodeRunner:
         self._task.cancel()
 
     def _grow(self, ids: list[int], **kwargs: Any) -> None:
-        self.sequence.add(ids, **kwargs)
+        self.traj.append(ids, **kwargs)
         self.ctx.tokens_in_flight[0] += len(ids)
 
     async def run(self, first: FirstTurn) -> Trajectory:
@@ -220,7 +219,7 @@ class EpisodeRunner:
             sampled = await self._sample(min(cfg.max_new_tokens, budget))
             done = sampled.done
             start = len(self.traj.token_ids)
-            self._grow(done.token_ids, logprobs=done.logprobs, versions=done.versions)
+            self._grow(done.token_ids, logprobs=done.logprobs, version=done.versions)
             text = self.ctx.decode(done.token_ids)
             turn = TurnRecord(text, done.finish_reason, len(done.token_ids), start, sampled.seconds,
                               retries=sampled.retries)
@@ -272,7 +271,6 @@ class EpisodeRunner:
 
     def _finish(self) -> None:
         self.ctx.tokens_in_flight[0] -= len(self.traj.token_ids)
-        self.sequence.seal()
         settle(self.ctx, self.episode, self.traj)
 
 

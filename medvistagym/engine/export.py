@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .trajectory import ImageRecord, ToolCallRecord, Trajectory, TurnRecord
+from .trajectory import ImageRecord, ToolCallRecord, Trajectory, TurnRecord, sampled_runs
 
 PathLike = str | os.PathLike[str]
 
@@ -122,8 +122,7 @@ SCHEMA = pa.schema([
 
 # Trajectory fields stored in a column of the same name, unchanged.
 _PLAIN = ("episode_id", "group_id", "sample", "task_id", "dataset", "question", "gold", "answer", "score",
-          "reward", "status", "prompt_length", "started_s", "ended_s", "token_ids", "loss_mask", "logprobs",
-          "versions")
+          "reward", "status", "prompt_length", "started_s", "ended_s", "token_ids")
 
 
 def _encode_png(pixels: torch.Tensor) -> bytes:
@@ -179,14 +178,12 @@ def _turn_row(turn: TurnRecord) -> dict:
 
 
 def _row(trajectory: Trajectory) -> dict:
-    lengths = {len(trajectory.token_ids), len(trajectory.loss_mask), len(trajectory.logprobs), len(trajectory.versions)}
-    if len(lengths) != 1:
-        # Misaligned per-token lists would train on the wrong tokens; refuse them here, not in the trainer.
-        raise ValueError(
-            f"episode {trajectory.episode_id}: token_ids, loss_mask, logprobs and versions differ in length"
-        )
+    trajectory.check()  # misaligned runs would train on the wrong tokens: refuse them here, not in the trainer
     return {
         **{name: getattr(trajectory, name) for name in _PLAIN},
+        "loss_mask": trajectory.loss_mask,
+        "logprobs": trajectory.logprobs,
+        "versions": trajectory.versions,
         "num_turns": len(trajectory.turns),
         "num_images": len(trajectory.images),
         "model_tokens": trajectory.model_tokens,
@@ -215,6 +212,7 @@ def _turn(row: dict) -> TurnRecord:
 def _trajectory(row: dict) -> Trajectory:
     return Trajectory(
         **{name: row[name] for name in _PLAIN},
+        sampled=sampled_runs(row["loss_mask"], row["logprobs"], row["versions"]),
         reward_parts={p["name"]: p["value"] for p in row["reward_parts"]},
         images=[_image(image) for image in row["images"]],
         turns=[_turn(turn) for turn in row["turns"]],

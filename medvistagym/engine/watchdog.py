@@ -7,7 +7,8 @@ The task learns why from its `expired` attribute and uncancels itself once it ha
 the expiry; any other cancellation (e.g. `RolloutEngine.close`) still goes through.
 
 Deadlines fire up to one check interval late: a twentieth of the shortest timeout, between
-5 ms and 1 s.
+5 ms and 5 s. Each check reads every episode in flight: at 4k of them, checking
+every second rather than every 5 s cost ~3 us of every turn.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Watched(Protocol):
 
 class Watchdog:
     def __init__(self, shortest_timeout_s: float) -> None:
-        self.interval_s = min(max(shortest_timeout_s / 20, 0.005), 1.0)
+        self.interval_s = min(max(shortest_timeout_s / 20, 0.005), 5.0)
         self._watched: set[Watched] = set()
         self._timer: asyncio.TimerHandle | None = None
 

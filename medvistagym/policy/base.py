@@ -16,7 +16,7 @@ import abc
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Mapping, Union
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -107,9 +107,10 @@ class ImageInputs:
         return placeholder_counts(self.grid_thw, merge_size)
 
 
-def placeholder_counts(grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
-    """Placeholder tokens each image of (n, 3) patch grids takes in the prompt."""
-    return [t * h * w // (merge_size * merge_size) for t, h, w in grid_thw.tolist()]
+def placeholder_counts(grid_thw: torch.Tensor | Sequence[Sequence[int]], merge_size: int = 2) -> list[int]:
+    """Placeholder tokens each image of (n, 3) patch grids (a tensor, or its rows) takes in the prompt."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+    return [t * h * w // (merge_size * merge_size) for t, h, w in rows]
 
 
 @dataclass
@@ -161,18 +162,16 @@ def expand_image_tokens(token_ids: list[int], images: ImageInputs, image_token_i
 
 def expand_placeholders(token_ids: list[int], counts: list[int], image_token_id: int) -> list[int]:
     """`expand_image_tokens` given each image's token count."""
+    found = token_ids.count(image_token_id)  # list.count and list.index scan in C: prompts run to thousands
+    if found != len(counts):
+        raise ValueError(f"{found} image placeholders for {len(counts)} images")
     out: list[int] = []
     start = 0
-    for k, count in enumerate(counts):  # list.index scans in C: prompts run to thousands of tokens
-        try:
-            at = token_ids.index(image_token_id, start)
-        except ValueError:
-            raise ValueError(f"{k} image placeholders for {len(counts)} images") from None
+    for count in counts:
+        at = token_ids.index(image_token_id, start)
         out += token_ids[start:at]
         out += [image_token_id] * count
         start = at + 1
-    if image_token_id in token_ids[start:]:
-        raise ValueError(f"more image placeholders than the {len(counts)} images given")
     out += token_ids[start:]
     return out
 

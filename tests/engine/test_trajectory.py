@@ -1,37 +1,59 @@
-"""The engine's bookkeeping pieces on their own: the sequence builder and derived sampling params."""
+"""The engine's bookkeeping pieces on their own: a trajectory's sampled runs and derived sampling params."""
 
 from __future__ import annotations
 
 import pytest
 
 from medvistagym.engine import EngineConfig
-from medvistagym.engine.trajectory import SequenceBuilder, Trajectory
+from medvistagym.engine.trajectory import Trajectory, sampled_runs
 from medvistagym.policy import SamplingParams
 
 
-def test_sequence_builder_writes_the_same_lists_as_append() -> None:
-    runs = [([5, 6, 7], None, None), ([8, 9], [-0.1, -0.2], [0, 1]), ([10], None, None), ([11], [-0.3], [1])]
-    eager, lazy = Trajectory("a", "g", 0, "t", "d", "q", "x"), Trajectory("b", "g", 1, "t", "d", "q", "x")
-    builder = SequenceBuilder(lazy)
-    for ids, logprobs, versions in runs:
-        if logprobs is None:
-            eager.append(ids)
-        else:
-            eager.append(ids, logprobs=logprobs, version=versions)
-        builder.add(ids, logprobs=logprobs, versions=versions)
-    assert len(lazy.token_ids) == 7 and lazy.token_ids == eager.token_ids and lazy.loss_mask == []  # not yet sealed
-    builder.seal()
-    assert (lazy.loss_mask, lazy.logprobs, lazy.versions) == (eager.loss_mask, eager.logprobs, eager.versions)
-    assert lazy.loss_mask == [0, 0, 0, 1, 1, 0, 1] and lazy.oldest_version() == 0
+def _trajectory() -> Trajectory:
+    t = Trajectory("a", "g", 0, "t", "d", "q", "x")
+    t.append([5, 6, 7])
+    t.append([8, 9], logprobs=[-0.1, -0.2], version=[0, 1])
+    t.append([10])
+    t.append([11], logprobs=[-0.3], version=1)
+    return t
 
 
-def test_sequence_builder_refuses_misaligned_runs_and_a_started_trajectory() -> None:
-    builder = SequenceBuilder(Trajectory("a", "g", 0, "t", "d", "q", "x"))
-    with pytest.raises(ValueError, match="2 tokens but 1 log-probs"):
-        builder.add([1, 2], logprobs=[-0.5], versions=[0, 0])
-    started = Trajectory("b", "g", 0, "t", "d", "q", "x", token_ids=[1])
-    with pytest.raises(ValueError, match="empty trajectory"):
-        SequenceBuilder(started)
+def test_sampled_runs_give_the_flat_per_token_views() -> None:
+    t = _trajectory()
+    assert t.token_ids == [5, 6, 7, 8, 9, 10, 11] and t.sampled == [(3, [-0.1, -0.2], [0, 1]), (6, [-0.3], [1])]
+    assert t.loss_mask == [0, 0, 0, 1, 1, 0, 1]
+    assert t.logprobs == [0.0, 0.0, 0.0, -0.1, -0.2, 0.0, -0.3]
+    assert t.versions == [-1, -1, -1, 0, 1, -1, 1]
+    assert t.model_tokens == 3 and t.oldest_version() == 0
+    assert Trajectory("b", "g", 0, "t", "d", "q", "x", token_ids=[1]).oldest_version() is None
+    t.check()
+
+
+def test_flat_views_give_back_the_runs() -> None:
+    t = _trajectory()
+    assert sampled_runs(t.loss_mask, t.logprobs, t.versions) == t.sampled
+    t.append([12], logprobs=[-0.4], version=2)  # adjacent to the last run: the two read back as one
+    assert sampled_runs(t.loss_mask, t.logprobs, t.versions) == [(3, [-0.1, -0.2], [0, 1]), (6, [-0.3, -0.4], [1, 2])]
+    with pytest.raises(ValueError, match="differ in length"):
+        sampled_runs([0, 1], [0.0, -0.1], [-1])
+
+
+def test_misaligned_runs_are_refused() -> None:
+    t = _trajectory()
+    with pytest.raises(ValueError, match="2 tokens but 1 log-probs and 2 versions"):
+        t.append([1, 2], logprobs=[-0.5], version=[0, 0])
+    assert len(t.token_ids) == 7  # nothing appended
+    t.sampled[0][2].pop()
+    with pytest.raises(ValueError, match="episode a: .*differ in length"):
+        t.check()
+    t = _trajectory()
+    t.sampled.append((6, [-0.5], [0]))
+    with pytest.raises(ValueError, match="overlap"):
+        t.check()
+    t = _trajectory()
+    t.sampled.append((7, [-0.5], [0]))
+    with pytest.raises(ValueError, match="past the 7 tokens"):
+        t.check()
 
 
 def test_per_turn_sampling_params_keep_the_config_and_check_the_limit() -> None:
