@@ -49,7 +49,7 @@ class PilTools:
         pixels = [self._one(view) for view in views]
         pixels = [p.expand(3, -1, -1).contiguous() if p.shape[0] == 1 else p for p in pixels]
         if not pixels:
-            return Rendered([], torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long))
+            return Rendered.empty()
         if self.patches:
             parts = [patchify([p], self.vision) for p in pixels]
             return Rendered(pixels, torch.cat([q.pixel_values for q in parts]), torch.cat([q.grid_thw for q in parts]))

@@ -141,13 +141,6 @@ async def first_turn(ctx: Context, episode: Episode, views: tuple[View, ...]) ->
     return FirstTurn(ctx.prompt_ids(episode, rendered), rendered, views)
 
 
-@dataclass
-class _Sampled:
-    done: Completion
-    retries: int
-    seconds: float
-
-
 def act(ctx: Context, episode: Episode, text: str, turn: TurnRecord) -> Observation:
     """The environment's step, recording the turn's tool calls and why any failed."""
     record = episode.record
@@ -178,8 +171,8 @@ class EpisodeRunner:
         self.expired = "episode" if self._loop.time() >= self._episode_deadline else "turn"
         self._task.cancel()
 
-    def _grow(self, ids: list[int], **kwargs: Any) -> None:
-        self.traj.append(ids, **kwargs)
+    def _grow(self, ids: list[int], logprobs: list[float] | None = None, versions: list[int] | int = -1) -> None:
+        self.traj.append(ids, logprobs=logprobs, version=versions)
         self.ctx.tokens_in_flight[0] += len(ids)
 
     async def run(self, first: FirstTurn) -> Trajectory:
@@ -216,13 +209,11 @@ class EpisodeRunner:
             if budget <= 0:
                 self.ctx.env_step(ep.truncate)
                 return
-            sampled = await self._sample(min(cfg.max_new_tokens, budget))
-            done = sampled.done
+            done, retries, seconds = await self._sample(min(cfg.max_new_tokens, budget))
             start = len(self.traj.token_ids)
-            self._grow(done.token_ids, logprobs=done.logprobs, version=done.versions)
+            self._grow(done.token_ids, done.logprobs, done.versions)
             text = self.ctx.decode(done.token_ids)
-            turn = TurnRecord(text, done.finish_reason, len(done.token_ids), start, sampled.seconds,
-                              retries=sampled.retries)
+            turn = TurnRecord(text, done.finish_reason, len(done.token_ids), start, seconds, retries=retries)
             self.traj.turns.append(turn)
             observation = act(self.ctx, self.episode, text, turn)
             if ep.done:
@@ -235,8 +226,9 @@ class EpisodeRunner:
             self._grow(self.ctx.observation_ids(last, observation.text, rendered))
             turn.observation = observation.text
 
-    async def _sample(self, max_new: int) -> _Sampled:
-        """One turn from the policy, retrying retryable errors and timeouts with backoff."""
+    async def _sample(self, max_new: int) -> tuple[Completion, int, float]:
+        """One turn from the policy, retrying retryable errors and timeouts with backoff: the
+        completion, its retries, and the seconds from the first request."""
         cfg, policy = self.ctx.config, self.ctx.policy
         turn = len(self.traj.turns)
         images = self.images
@@ -248,7 +240,7 @@ class EpisodeRunner:
             self.deadline = min(self._episode_deadline, self._loop.time() + cfg.turn_timeout_s)
             try:
                 done = await policy.complete(request)  # the turn at once: no wake-up per chunk
-                return _Sampled(done, attempt, time.perf_counter() - start)
+                return done, attempt, time.perf_counter() - start
             except asyncio.CancelledError:
                 if self.expired != "turn" or self._task.uncancel():
                     raise

@@ -40,7 +40,15 @@ class Rendered:
 
     def __post_init__(self) -> None:
         # The ToolExecutor makes these on its thread: a tensor read on the event loop costs ~5 us.
-        self.grid = self.grid_thw.tolist()
+        self.grid = self.grid_thw.tolist() if self.pixels else []
+
+    @classmethod
+    def empty(cls, inputs: ImageInputs | None = None) -> Rendered:
+        """No images; `inputs` stays the episode's model input."""
+        return cls([], None, _NO_GRID, inputs)
+
+
+_NO_GRID = torch.zeros(0, 3, dtype=torch.long)  # shared: never written
 
 
 def join_images(history: ImageInputs | None, rendered: Rendered) -> ImageInputs | None:
@@ -86,7 +94,9 @@ class ToolExecutor:
 
     async def render(self, views: Sequence[View], history: ImageInputs | None = None) -> Rendered:
         """The pixels and patches of `views`, and (`inputs`) the model input of `history` and
-        them; raises what rendering them raised."""
+        them; raises what rendering them raised. No views: at once, with no trip to the thread."""
+        if not views:
+            return Rendered.empty(history)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((views, history, future))
@@ -162,7 +172,7 @@ class ToolExecutor:
 
     def _pick(self, row: list[int], pixels: list[torch.Tensor], patches) -> Rendered:
         if not row:
-            return Rendered([], torch.zeros(0, 0), torch.zeros(0, 3, dtype=torch.long))
+            return Rendered.empty()
         shown = [pixels[i] for i in row]
         if patches is None:
             grid = [(1, p.shape[1] // self.patch_size, p.shape[2] // self.patch_size) for p in shown]
