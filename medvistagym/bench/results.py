@@ -8,7 +8,9 @@ from typing import Any
 
 
 def save(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path`, then the PNG plots beside it (matplotlib loaded on use)."""
+    """Write `data` as JSON to `path` (its folder made if missing: a long benchmark must not
+    fail at its last step), then the PNG plots beside it (matplotlib loaded on use)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     from .plots import plot_json
