@@ -94,9 +94,7 @@ class ToolExecutor:
 
     async def render(self, views: Sequence[View], history: ImageInputs | None = None) -> Rendered:
         """The pixels and patches of `views`, and (`inputs`) the model input of `history` and
-        them; raises what rendering them raised. No views: at once, with no trip to the thread."""
-        if not views:
-            return Rendered.empty(history)
+        them; raises what rendering them raised."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((views, history, future))
