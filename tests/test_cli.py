@@ -71,7 +71,7 @@ def test_bench_rollout_prints_the_comparison_and_scaling_tables(tmp_path, capsys
             "--scaling", "8", "--rounds", "1", "--scaling-time-scale", "0", "--json", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "ours (async engine)" in printed and "baseline (turn-batched)" in printed and "engine us/turn" in printed
+    assert "ours (async engine)" in printed and "baseline (turn-batched)" in printed and "CPU us per episode-turn" in printed
     results = json.loads(out.read_text())
     ours, base = results["sim"]
     assert ours["episodes"] == base["episodes"] == 8 and ours["tokens"] == base["tokens"] > 0

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 OURS, PEER = "tab:blue", "tab:gray"
 CPU_PARTS = {"engine": ("engine (ours)", "tab:blue"), "tokenizer": ("tokenizer", "tab:orange"),
-             "env": ("environment steps", "tab:green"), "sim": ("simulated server (not ours)", "tab:gray")}
+             "env": ("environment steps", "tab:green"), "sim": ("simulated server (not ours)", "tab:gray"),
+             "consumer": ("consumer (the trainer's)", "tab:purple")}
 ROLLOUT_TITLES = {"sim": "simulated server, long-tail turns", "transformers": "tiny Qwen2.5-VL, transformers back end"}
 
 

@@ -18,8 +18,9 @@ get the very same scripts: only the scheduling differs (checked: identical token
    level has the same share of ramp-up and drain). Throughput is over the whole run.
    CPU per episode-turn is the event-loop thread's CPU time split into: the simulated server
    (planning and ticks, not ours), the environment's own steps (parse, tool geometry, reward),
-   the tokenizer (observation encode, turn decode), and the rest: the engine's own overhead
-   (admission, streaming, bookkeeping, requests, event loop, garbage collection). Image
+   the tokenizer (observation encode, turn decode), the consumer (taking each finished group's
+   counts and freeing it: a trainer's work, not the engine's), and the rest: the engine's own
+   overhead (admission, streaming, bookkeeping, requests, event loop, garbage collection). Image
    rendering runs on the tool thread and is reported apart (a GPU takes it over). Peak RSS
    is sampled during each level.
 """
@@ -85,12 +86,13 @@ class _Meter:
     def __init__(self, policy: Policy, ctx: Context) -> None:
         self.policy, self.ctx = policy, ctx
         self.peak_rss = 0
+        self.consumer_s = 0.0  # what the caller spent on finished groups, outside the engine
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
 
     def _parts(self) -> dict[str, float]:
         return {"thread": time.thread_time(), "sim": getattr(self.policy, "server_cpu_s", 0.0),
-                "env": self.ctx.env_cpu_s, "tokenizer": self.ctx.tokenizer_cpu_s}
+                "env": self.ctx.env_cpu_s, "tokenizer": self.ctx.tokenizer_cpu_s, "consumer": self.consumer_s}
 
     def _rss(self) -> int:
         with open("/proc/self/statm") as f:
@@ -112,9 +114,8 @@ class _Meter:
         spent = {k: v - before[k] for k, v in self._parts().items()}
         sampler.join()
         turns = max(result.turns, 1)
-        engine = spent["thread"] - spent["sim"] - spent["env"] - spent["tokenizer"]
-        result.cpu_us = {"engine": engine / turns * 1e6, "tokenizer": spent["tokenizer"] / turns * 1e6,
-                         "env": spent["env"] / turns * 1e6, "sim": spent["sim"] / turns * 1e6}
+        spent["engine"] = spent.pop("thread") - sum(spent.values())
+        result.cpu_us = {part: s / turns * 1e6 for part, s in spent.items()}
         result.peak_rss_mb = max(self.peak_rss, self._rss()) / 2**20
 
 
@@ -126,14 +127,19 @@ async def run_ours(policy: Policy, tasks: Sequence[Task], env: EnvConfig, config
     """The engine over `tasks`; groups are consumed as they complete (nothing kept)."""
     result = Result("ours (async engine)", config.max_episodes_in_flight)
     engine = RolloutEngine(policy, env, config)
+    meter = _Meter(policy, engine.ctx)
 
     async def work() -> None:
         feeder = asyncio.ensure_future(engine.submit(tasks))
         for _ in tasks:
-            result.add((await engine.next_group()).trajectories)
+            group = await engine.next_group()
+            start = time.thread_time()
+            result.add(group.trajectories)
+            del group  # freed here, on the consumer's clock
+            meter.consumer_s += time.thread_time() - start
         await feeder
 
-    await _Meter(policy, engine.ctx).measure(result, work())
+    await meter.measure(result, work())
     result.render_cpu_s = engine.executor.render_cpu_s
     return result
 
@@ -256,15 +262,17 @@ def _compare_table(title: str, results: list[Result]) -> Table:
 
 
 def _scaling_table(results: list[Result]) -> Table:
-    table = Table(title="bench rollout: scaling (simulated 16-server fleet, 4096 slots)")
-    cols = ("in flight", "episodes", "trajectories/s", "turns/s", "tokens/s", "engine us/turn", "tokenizer us/turn",
-            "env us/turn", "sim us/turn", "render CPU s", "peak RSS MB")
+    table = Table(title="bench rollout: scaling (simulated 16-server fleet, 4096 slots)",
+                  caption="engine, tokenizer, env, sim, consumer: event-loop CPU us per episode-turn")
+    cols = ("in flight", "episodes", "trajectories/s", "turns/s", "tokens/s", "engine", "tokenizer", "env", "sim",
+            "consumer", "render CPU s", "peak RSS MB")
     for col in cols:
         table.add_column(col, justify="right")
     for r in results:
         c = r.cpu_us
         table.add_row(str(r.in_flight), str(r.episodes), f"{r.per_s:.1f}", f"{r.turns / r.wall_s:.1f}",
                       f"{r.tokens / r.wall_s:.0f}", f"{c['engine']:.0f}",
-                      f"{c['tokenizer']:.0f}", f"{c['env']:.0f}", f"{c['sim']:.0f}", f"{r.render_cpu_s:.1f}",
+                      f"{c['tokenizer']:.0f}", f"{c['env']:.0f}", f"{c['sim']:.0f}", f"{c['consumer']:.0f}",
+                      f"{r.render_cpu_s:.1f}",
                       f"{r.peak_rss_mb:.0f}")
     return table
