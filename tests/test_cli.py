@@ -76,4 +76,4 @@ def test_bench_rollout_prints_the_comparison_and_scaling_tables(tmp_path, capsys
     ours, base = results["sim"]
     assert ours["episodes"] == base["episodes"] == 8 and ours["tokens"] == base["tokens"] > 0
     (level,) = results["scaling"]
-    assert level["in_flight"] == 8 and level["episodes"] == 8 and level["cpu_us"]["engine"] > 0
+    assert level["in_flight"] == 8 and level["episodes"] == 8 and level["cpu_us"]["engine"] > 0 and level["cpu_us"]["consumer"] > 0

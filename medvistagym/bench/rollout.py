@@ -273,6 +273,5 @@ def _scaling_table(results: list[Result]) -> Table:
         table.add_row(str(r.in_flight), str(r.episodes), f"{r.per_s:.1f}", f"{r.turns / r.wall_s:.1f}",
                       f"{r.tokens / r.wall_s:.0f}", f"{c['engine']:.0f}",
                       f"{c['tokenizer']:.0f}", f"{c['env']:.0f}", f"{c['sim']:.0f}", f"{c['consumer']:.0f}",
-                      f"{r.render_cpu_s:.1f}",
-                      f"{r.peak_rss_mb:.0f}")
+                      f"{r.render_cpu_s:.1f}", f"{r.peak_rss_mb:.0f}")
     return table

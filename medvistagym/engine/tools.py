@@ -43,9 +43,9 @@ class Rendered:
         self.grid = self.grid_thw.tolist() if self.pixels else []
 
     @classmethod
-    def empty(cls, inputs: ImageInputs | None = None) -> Rendered:
-        """No images; `inputs` stays the episode's model input."""
-        return cls([], None, _NO_GRID, inputs)
+    def empty(cls) -> Rendered:
+        """No images."""
+        return cls([], None, _NO_GRID)
 
 
 _NO_GRID = torch.zeros(0, 3, dtype=torch.long)  # shared: never written
