@@ -91,6 +91,7 @@ class RolloutEngine:
         self._pending: asyncio.Queue | None = None
         self._done: asyncio.Queue | None = None
         self._admit = asyncio.Event()
+        self._blocked = 0  # episodes of the group the dispatcher holds while there is no room for it
         self._paused = False
         self._dispatcher: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -210,16 +211,24 @@ class RolloutEngine:
         while True:
             group_id, task, n = await self._pending.get()
             while not self._room_for(n):
+                self._blocked = n
                 self._admit.clear()
                 await self._admit.wait()
+            self._blocked = 0
             self._in_flight += n
             self.metrics.started(n)
             self._track(asyncio.get_running_loop().create_task(self._run_group(group_id, task, n)))
 
     def _track(self, task: asyncio.Task) -> None:
-        """Group starters and episodes, for close() to cancel."""
+        """Group starters, for close() to cancel (episodes leave `_tasks` themselves)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _freed(self) -> None:
+        """Episodes ended: wake the dispatcher if the group it holds fits now. Waking it on every
+        end would cost a task step per episode, most of them finding no room yet."""
+        if self._blocked and self._room_for(self._blocked):
+            self._admit.set()
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -246,15 +255,17 @@ class RolloutEngine:
         loop = asyncio.get_running_loop()
         for i, (ep, traj) in enumerate(zip(episodes, trajectories)):
             runner = EpisodeRunner(self.ctx, ep, traj, episode_seed(self.config.seed, group_id, i))
-            self._track(loop.create_task(self._episode(runner, first, runs)))
+            runner.task, runner.loop = loop.create_task(self._episode(runner, first, runs)), loop
+            self._tasks.add(runner.task)
 
     async def _episode(self, runner: EpisodeRunner, first: FirstTurn, runs: _GroupRun) -> None:
         try:
             await runner.run(first)
         finally:
+            self._tasks.discard(runner.task)
             self._in_flight -= 1
             self.metrics.finished(runner.traj)
-            self._admit.set()
+            self._freed()
             runs.left -= 1
             if not runs.left:
                 self._complete(runs.group_id, runs.task, runs.trajectories)
@@ -264,7 +275,7 @@ class RolloutEngine:
             traj.status = status
             self._in_flight -= 1
             self.metrics.finished(traj)
-        self._admit.set()
+        self._freed()
 
     def _complete(self, group_id: str, task: Task, trajectories: list[Trajectory]) -> None:
         group = Group(group_id, task, trajectories)

@@ -154,9 +154,13 @@ def act(ctx: Context, episode: Episode, text: str, turn: TurnRecord) -> Observat
 
 
 class EpisodeRunner:
-    """One episode as a coroutine (`run`). The engine's watchdog bounds it: `deadline` is the
-    episode's deadline, or the current turn's when that falls sooner, and `expire` cancels the
-    episode's task, saying which of the two passed in `expired`."""
+    """One episode as a coroutine (`run`), in the asyncio `task` its owner made for it on `loop`.
+    The engine's watchdog bounds it: `deadline` is the episode's deadline, or the current turn's
+    when that falls sooner, and `expire` cancels the task, saying which of the two passed in
+    `expired`."""
+
+    # Thousands are alive at once and each turn reads them cold: slots keep them to one object.
+    __slots__ = ("ctx", "episode", "traj", "seed", "images", "deadline", "expired", "task", "loop", "_episode_deadline")
 
     def __init__(self, ctx: Context, episode: Episode, trajectory: Trajectory, seed: int) -> None:
         self.ctx, self.episode, self.traj, self.seed = ctx, episode, trajectory, seed
@@ -164,12 +168,12 @@ class EpisodeRunner:
         self.deadline = math.inf
         self.expired: str | None = None  # "turn" or "episode" while its cancellation is on its way
         self._episode_deadline = math.inf
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def expire(self) -> None:
-        self.expired = "episode" if self._loop.time() >= self._episode_deadline else "turn"
-        self._task.cancel()
+        self.expired = "episode" if self.loop.time() >= self._episode_deadline else "turn"
+        self.task.cancel()
 
     def _grow(self, ids: list[int], logprobs: list[float] | None = None, versions: list[int] | int = -1) -> None:
         self.traj.append(ids, logprobs=logprobs, version=versions)
@@ -178,12 +182,11 @@ class EpisodeRunner:
     async def run(self, first: FirstTurn) -> Trajectory:
         traj, cfg, watchdog = self.traj, self.ctx.config, self.ctx.watchdog
         traj.started_s = time.time()
-        self._task, self._loop = asyncio.current_task(), asyncio.get_running_loop()
         try:
             self._grow(first.prompt_ids)
             traj.prompt_length = len(first.prompt_ids)
             self._add_images(first.rendered, first.views, turn=0)
-            self._episode_deadline = self.deadline = self._loop.time() + cfg.episode_deadline_s
+            self._episode_deadline = self.deadline = self.loop.time() + cfg.episode_deadline_s
             watchdog.watch(self)
             await self._turns()
         except TurnTimeout:
@@ -191,7 +194,7 @@ class EpisodeRunner:
         except PolicyError as err:
             traj.status = f"error: policy: {err}"
         except asyncio.CancelledError:
-            if self.expired != "episode" or self._task.uncancel():
+            if self.expired != "episode" or self.task.uncancel():
                 traj.status = "error: cancelled"
                 raise
             traj.status = "timeout"
@@ -237,12 +240,12 @@ class EpisodeRunner:
         for attempt in range(cfg.max_retries + 1):
             rid = f"{self.traj.episode_id}:t{turn}:a{attempt}"
             request = GenerateRequest(rid, self.traj.token_ids, sampling, images)  # lent: grows between turns only
-            self.deadline = min(self._episode_deadline, self._loop.time() + cfg.turn_timeout_s)
+            self.deadline = min(self._episode_deadline, self.loop.time() + cfg.turn_timeout_s)
             try:
                 done = await policy.complete(request)  # the turn at once: no wake-up per chunk
                 return done, attempt, time.perf_counter() - start
             except asyncio.CancelledError:
-                if self.expired != "turn" or self._task.uncancel():
+                if self.expired != "turn" or self.task.uncancel():
                     raise
                 self.expired = None
                 await policy.abort(rid)

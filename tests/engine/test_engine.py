@@ -145,6 +145,34 @@ def test_admission_limits_and_pause(tasks):
     assert paused_in_flight == 0 and 0 < peak <= 8 and len(groups) == 6
 
 
+def test_ending_episodes_wake_the_dispatcher_only_when_its_group_fits(tasks):
+    """Groups of 4 with room for 8 episodes: a held group fits once 4 episodes have ended, so
+    about one ending in 4 wakes the dispatcher, not every one (each wake-up is a task step)."""
+
+    async def main():
+        policy = build_policy("sim", latency={"time_scale": 0.01})
+        engine = RolloutEngine(policy, EnvConfig(), EngineConfig(group_size=4, max_episodes_in_flight=8))
+        wakes = 0
+        set_admit = engine._admit.set
+
+        def counted_set():
+            nonlocal wakes
+            wakes += not engine._admit.is_set()  # setting it again wakes nobody
+            set_admit()
+
+        engine._admit.set = counted_set
+        feeder = asyncio.ensure_future(engine.submit(tasks * 4))
+        groups = [await engine.next_group() for _ in range(len(tasks) * 4)]
+        await feeder
+        return groups, wakes
+
+    groups, wakes = run(main())
+    episodes = sum(len(g.trajectories) for g in groups)
+    assert episodes == 48 and statuses(groups) == Counter(ok=48)
+    # 12 groups consumed (one wake-up each) and at most one per admitted group after the first two.
+    assert wakes <= 12 + 10 < episodes
+
+
 def test_stale_groups_are_dropped(tasks):
     async def main():
         policy = build_policy("sim", latency={"time_scale": 0.05, "weight_sync_s": 0.0})
