@@ -82,6 +82,7 @@ class ToolExecutor:
         self._pending: list[_Request] = []
         self._pending_views = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the batch being gathered
         self._lock: asyncio.Lock | None = None
         # Metrics.
         self.batches = 0
@@ -95,7 +96,8 @@ class ToolExecutor:
     async def render(self, views: Sequence[View], history: ImageInputs | None = None) -> Rendered:
         """The pixels and patches of `views`, and (`inputs`) the model input of `history` and
         them; raises what rendering them raised."""
-        loop = asyncio.get_running_loop()
+        # A gathering batch pins the loop; asking for it costs a getpid system call on Python 3.11.
+        loop = self._loop = self._loop if self._pending else asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((views, history, future))
         self._pending_views += len(views)

@@ -548,7 +548,7 @@ class SimPolicy(Policy):
         req.final_only = True
         try:
             while req.final is None:
-                req.waiter = asyncio.get_running_loop().create_future()
+                req.waiter = self._loop.create_future()  # _submit set it (get_running_loop is a getpid on 3.11)
                 await req.waiter
         finally:
             start = time.thread_time()
