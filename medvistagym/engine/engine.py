@@ -146,7 +146,7 @@ class RolloutEngine:
     async def _take(self) -> Group:
         group = await self._done.get()
         self._outstanding -= 1
-        self._admit.set()  # a consumed group frees room in the output queue
+        self._freed()  # a consumed group frees room in the output queue
         return group
 
     # -- control -----------------------------------------------------------------------------
@@ -225,8 +225,9 @@ class RolloutEngine:
         task.add_done_callback(self._tasks.discard)
 
     def _freed(self) -> None:
-        """Episodes ended: wake the dispatcher if the group it holds fits now. Waking it on every
-        end would cost a task step per episode, most of them finding no room yet."""
+        """Room opened (episodes ended, or a finished group was taken): wake the dispatcher if the
+        group it holds fits now. Waking it every time would cost a task step per episode, most of
+        them finding no room yet."""
         if self._blocked and self._room_for(self._blocked):
             self._admit.set()
 
