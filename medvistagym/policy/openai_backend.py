@@ -32,7 +32,8 @@ Two request APIs:
 Every request opens one streamed HTTP/1.1 request on a shared, pooled `httpx.AsyncClient`.
 Connection errors, 429 and 5xx are retried with exponential backoff until the first token
 arrives; a failure after that raises `PolicyError(retryable=True)` (a restart would sample a
-different continuation). `abort` closes the request's stream, which makes vLLM abort it.
+different continuation). The weight update's calls retry only a failed connection (nothing
+was sent). `abort` closes the request's stream, which makes vLLM abort it.
 
 Versions are client-side: a chunk carries the version installed when it was received, so a
 chunk sampled just before an update may carry the new one; `update_weights` pauses the
@@ -47,7 +48,7 @@ import io
 import itertools
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import httpx
 
@@ -58,6 +59,7 @@ from .vllm_backend import (
 
 APIS = ("completions", "generate")
 IMAGE_PAD_TOKEN = "<|image_pad|>"
+T = TypeVar("T")
 
 
 class _Retry(Exception):
@@ -185,15 +187,19 @@ class OpenAIPolicy(Policy):
             body["content_parts"] = _image_parts(request)
         return "/inference/v1/generate", body, _generate_delta
 
-    async def _produce(self, request: GenerateRequest, emit: Emit) -> None:
-        path, body, delta = self._request(request)
+    async def _retrying(self, path: str, once: Callable[[], Awaitable[T]]) -> T:
+        """`once()`, tried again with exponential backoff while it raises `_Retry`."""
         for attempt in itertools.count():
             try:
-                return await self._stream_once(path, body, delta, emit)
+                return await once()
             except _Retry as exc:
                 if attempt >= self._max_retries:
                     raise PolicyError(f"{path}: failed after {attempt + 1} attempts: {exc}") from exc
                 await asyncio.sleep(self._backoff_s * 2**attempt)
+
+    async def _produce(self, request: GenerateRequest, emit: Emit) -> None:
+        path, body, delta = self._request(request)
+        await self._retrying(path, lambda: self._stream_once(path, body, delta, emit))
 
     async def _stream_once(self, path: str, body: dict, delta: Callable, emit: Emit) -> None:
         received = False
@@ -244,8 +250,13 @@ class OpenAIPolicy(Policy):
         self._streams.abort(request_id)
 
     async def _admin(self, path: str, **kwargs: Any) -> httpx.Response:
+        return await self._retrying(path, lambda: self._admin_once(path, **kwargs))
+
+    async def _admin_once(self, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._client.post(path, timeout=self._weights_timeout, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Retry(repr(exc)) from exc  # nothing reached the server: safe to send again
         except httpx.TransportError as exc:
             raise PolicyError(f"{path}: {exc!r}") from exc
         if response.status_code == 404:

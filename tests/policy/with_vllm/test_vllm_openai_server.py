@@ -193,15 +193,17 @@ def completion_event(ids: list[int], logprobs: list[float], finish: str | None =
 
 class ScriptedServer:
     """Answers the n-th request with the n-th scripted response (None: never answer) and
-    keeps each request's JSON body."""
+    keeps each request's target and JSON body (None when empty)."""
 
-    def __init__(self, *responses: bytes | None) -> None:
+    def __init__(self, *responses: bytes | None, port: int = 0) -> None:
         self.responses = list(responses)
-        self.bodies: list[dict] = []
+        self.targets: list[str] = []
+        self.bodies: list[dict | None] = []
+        self._port = port
         self._release = asyncio.Event()
 
     async def __aenter__(self) -> "ScriptedServer":
-        self._server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._answer, "127.0.0.1", self._port)
         self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
@@ -213,7 +215,8 @@ class ScriptedServer:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
-        self.bodies.append(json.loads(await reader.readexactly(length)))
+        self.targets.append(head.split(b" ", 2)[1].decode())
+        self.bodies.append(json.loads(await reader.readexactly(length)) if length else None)
         response = self.responses[len(self.bodies) - 1]
         if response is None:
             await self._release.wait()
@@ -285,6 +288,62 @@ def test_a_drop_after_tokens_is_not_retried(text_model_dirs, run):
 def test_a_silent_server_times_out(text_model_dirs, run):
     err = against(ScriptedServer(None), text_model_dirs, run, request("r", [1, 2, 3]), timeout_s=0.5)
     assert isinstance(err, PolicyError) and "timed out" in str(err)
+
+
+UPDATE_TARGETS = ["/pause?mode=keep", "/collective_rpc", "/reset_prefix_cache?reset_running_requests=true",
+                  "/reset_encoder_cache", "/resume"]
+
+
+STAGED = "/staged/weights.safetensors"
+
+
+def update_against(port: int, text_model_dirs, run, script: ScriptedServer | None, listen_after_s: float = 0.0):
+    """Update the weights of a policy on `port`, where `script` listens from the start or
+    `listen_after_s` into the update (None: nothing listens): the new version, or the error."""
+
+    async def go():
+        policy = build_policy("openai", base_url=f"http://127.0.0.1:{port}", model="scripted",
+                              tokenizer=text_model_dirs[0], max_retries=3, retry_backoff_s=0.25)
+        try:
+            if script is None:
+                return await policy.update_weights(STAGED)
+            if not listen_after_s:
+                async with script:
+                    return await policy.update_weights(STAGED)
+            update = asyncio.ensure_future(policy.update_weights(STAGED))
+            await asyncio.sleep(listen_after_s)
+            async with script:
+                return await update
+        except PolicyError as exc:
+            return exc
+        finally:
+            await policy.close()
+
+    return run(go())
+
+
+def test_a_weight_update_waits_out_refused_connections(text_model_dirs, run):
+    """A server not yet accepting connections (restarting, or too busy to accept) refuses the
+    first calls; they were never sent, so they are sent again."""
+    port = free_port()
+    ok = http_response(200, b'{"success": true}')
+    script = ScriptedServer(*[ok] * len(UPDATE_TARGETS), port=port)
+    # The first attempt is refused at once; the server listens before the retry 0.25 s later.
+    assert update_against(port, text_model_dirs, run, script, listen_after_s=0.1) == 1
+    assert script.targets == UPDATE_TARGETS and script.bodies[1]["args"] == [STAGED]
+
+
+def test_a_weight_update_gives_up_on_a_closed_port(text_model_dirs, run):
+    err = update_against(free_port(), text_model_dirs, run, None)
+    assert isinstance(err, PolicyError) and "/pause: failed after 4 attempts" in str(err)
+
+
+def test_a_weight_update_does_not_resend_a_call_the_server_answered(text_model_dirs, run):
+    port = free_port()
+    script = ScriptedServer(http_response(200), http_response(500, b"load failed"), http_response(200), port=port)
+    err = update_against(port, text_model_dirs, run, script)
+    assert isinstance(err, PolicyError) and not err.retryable and "load failed" in str(err)
+    assert script.targets == ["/pause?mode=keep", "/collective_rpc", "/resume"]  # resumed, not retried
 
 
 def test_images_go_to_the_generate_api_as_data_urls(text_model_dirs, run):
