@@ -58,7 +58,7 @@ def run_many(policy, reqs) -> list:
     return asyncio.run(go())
 
 
-async def until(predicate, timeout=2.0):
+async def until(predicate, timeout=30.0):  # generous: only a failing test waits it out
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
@@ -251,12 +251,13 @@ def test_abort_ends_the_stream(tok):
 
 
 def test_consumers_that_leave_free_their_slot(tok):
-    policy = sim(tok, latency={"decode_base_s": 0.002, "max_batch": 1},
+    # A leaked slot holds the next request for 1000 tokens x 10 ms; a freed one, for one tick.
+    policy = sim(tok, latency={"decode_base_s": 0.01, "max_batch": 1},
                  length={"kind": "fixed", "median_tokens": 1000, "max_filler_tokens": 1000})
 
     async def started(rid):
         stream = policy.generate(request(rid, max_new_tokens=2000))
-        await asyncio.wait_for(stream.__anext__(), 0.5)  # a leaked slot would block this for seconds
+        await asyncio.wait_for(stream.__anext__(), 5.0)
         return stream
 
     async def go():
